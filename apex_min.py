@@ -699,12 +699,15 @@ def train(cfg: Config) -> dict:
     data = ImageData(cfg, device)
     net = build_model(cfg).to(device)
     ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
+                            weight_decay=cfg.weight_decay, fused=use_cuda)
     step, train_seconds = 0, 0.0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, device)
-        if any(ckpt["config"][k] != getattr(cfg, k) for k in ("dim", "depth", "heads", "patch_size", "image_size")):
-            raise SystemExit(f"error: {ckpt_path} holds another architecture than this config")
+        arch = ("image_size", "channels", "patch_size", "dim", "depth", "heads", "num_classes")
+        differ = [f"{k} {ckpt['config'].get(k)} vs {getattr(cfg, k)}" for k in arch if ckpt["config"].get(k) != getattr(cfg, k)]
+        if differ:
+            raise SystemExit(f"error: {ckpt_path} holds another architecture ({', '.join(differ)})")
         net.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         ema.decay = ckpt["ema_decay"]
@@ -730,7 +733,11 @@ def train(cfg: Config) -> dict:
 
     net_fn, ema_fn = net, ema.model
     if cfg.compile and use_cuda:
-        net_fn, ema_fn = torch.compile(net), torch.compile(ema.model)
+        # one graph per call shape and grad mode (the step calls the network at 4 batch sizes):
+        # static shapes, and room for all of them in the recompile cache
+        import torch._dynamo as dynamo
+        dynamo.config.recompile_limit = max(32, dynamo.config.recompile_limit)
+        net_fn, ema_fn = torch.compile(net, dynamic=False), torch.compile(ema.model, dynamic=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
     local_batch = cfg.batch_size // world
     n_params = sum(p.numel() for p in net.parameters())
@@ -751,6 +758,7 @@ def train(cfg: Config) -> dict:
                desc=f"{cfg.objective} {n_params / 1e6:.1f}M")
     bad = torch.zeros((), dtype=torch.bool, device=device)   # any non-finite loss since the last check
     t0, last_t, last_step, img_per_s, stop_reason = time.time(), time.time(), step, 0.0, "max-steps"
+    first_step = step
     terms = {}
     try:
         while cfg.max_steps == 0 or step < cfg.max_steps:
@@ -802,8 +810,11 @@ def train(cfg: Config) -> dict:
     if bool(bad):
         raise SystemExit(f"error: non-finite loss before step {step}; stopped. The last good "
                          f"checkpoint ({ckpt_path}) is untouched.")
+    steps_run = step - first_step
     summary = {"step": step, "stop": stop_reason, "train_seconds": round(train_seconds, 1),
-               "img_per_s_last": round(img_per_s, 1), "params": n_params,
+               "img_per_s_last_window": round(img_per_s, 1),
+               "img_per_s_mean": round(steps_run * cfg.batch_size / max(time.time() - t0, 1e-9), 1),
+               "params": n_params,
                "terms": {k: round(v.item(), 5) for k, v in terms.items()}}
     if main:
         checkpoint()          # save first: a late error in sampling must not cost the training

@@ -1,0 +1,709 @@
+"""Tests of apex_min.py, in the order of its sections (1 config ... 10 command line).
+
+    python -m pytest -q test_apex_min.py        # about a minute on 2 CPU cores, no GPU, no download
+
+What they compare against (STYLE.md: something independent, not only shapes):
+- conventions (Sec. 1 of METHOD.md): a finite difference, a quadrature of E[z - x | x_t] and the
+  exact score of a Gaussian;
+- the objective: stand-in networks with exact Gaussian velocities or constant velocities, for which
+  the generator term's gradient is known in closed form; the loss gradient recomputed from the
+  spec's formulas with the targets held constant;
+- samplers: the closed-form one-step jump and the closed-form flow map of a Gaussian;
+- training: an uninterrupted run against a saved-and-resumed one, and the two ranks of torchrun.
+
+Every stop-gradient of METHOD.md Sec. 3 has a test that fails when it is removed (checked by
+running these tests against copies of apex_min.py with the stop-gradient deleted):
+    step 2  fake rows generated without gradient      test_fake_rows_are_generated_without_gradient
+    4, 5    guidance and consistency targets constant  test_guidance_and_consistency_targets_are_constant
+    6       sg inside the robust loss                 test_robust_loss_value_and_normalised_gradient
+    7       g without gradient, target sg(F - g)      test_generator_term_gradient_is_the_normalised_g
+    7       the sign +(v_fake - v_real)               test_generator_term_moves_samples_toward_the_data
+    Sec. 4  sg(v_fake) in the paper's mix target      test_paper_objective_gradient_paths
+Stand-in networks follow the protocol of apex_loss: attribute `num_classes`, `embed_class(y)` ->
+(B, D), `forward(x, t, tt, c)`.
+"""
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import apex_min
+
+# The models here are tiny: one thread avoids OpenMP hand-offs, which on a shared 2-core machine
+# cost more than the arithmetic (about 100x on the APEX step).
+torch.set_num_threads(1)
+
+HERE = Path(apex_min.__file__).resolve().parent
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+TINY_DIT = dict(image_size=8, channels=3, patch_size=2, dim=32, depth=1, heads=2, num_classes=3)
+# train() at its smallest: the tiny preset with the model and batch above
+TINY_RUN = dict(image_size=8, patch_size=2, dim=32, depth=1, heads=2, num_classes=3, batch_size=8,
+                device="cpu", log_every=1, ckpt_every=100)
+
+
+# ==================================================================================================
+# helpers: tiny models, stand-ins, exact Gaussian fields
+# ==================================================================================================
+
+
+def tiny_dit(seed=0, perturb=0.05):
+    """The tiny DiT; `perturb` adds noise to every weight, so that the zero-initialised output
+    layers do not make F = 0 (and every gradient path non-trivial)."""
+    torch.manual_seed(seed)
+    net = apex_min.DiT(**TINY_DIT)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return net
+
+
+def shapes_batch(n=16, seed=0):
+    x, y = apex_min.make_shapes(n=n, size=8, num_classes=3, seed=seed)
+    return x.float() / 127.5 - 1, y
+
+
+def per_row(t, x):  # (B,) -> (B, 1, ..., 1), written here rather than borrowed from apex_min.bcast
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def gaussian_velocity(x_t, t, mu, sd):
+    """Exact velocity E[z - x | x_t] when x ~ N(mu, sd^2 I), x_t = t z + (1 - t) x.
+    x_t ~ N((1-t) mu, var I) with var = (1-t)^2 sd^2 + t^2; Cov(z, x_t) = t, Cov(x, x_t) = (1-t) sd^2."""
+    t = per_row(t, x_t)
+    var = (1 - t) ** 2 * sd**2 + t**2
+    return (t - (1 - t) * sd**2) / var * (x_t - (1 - t) * mu) - mu
+
+
+def gaussian_score(x_t, t, mu, sd):  # exact score of x_t ~ N((1-t) mu, var I)
+    t = per_row(t, x_t)
+    return -(x_t - (1 - t) * mu) / ((1 - t) ** 2 * sd**2 + t**2)
+
+
+class StandIn(nn.Module):
+    """Base of the test networks. Every class (the null class too) embeds to the same vector e, so
+    a condition that is not e is a shifted one: the fake branch is detected exactly from c alone.
+    Subclasses give v_real(x, t), v_fake(x, t) (calls with tt < t use them too) and onestep(z),
+    the output of the one-step call F(z, 1, 0, c) on the real branch."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("e", torch.full((4,), 0.1))
+
+    def embed_class(self, y):
+        return self.e.expand(len(y), -1)                                       # (B, 4)
+
+    def forward(self, x, t, tt, c):
+        fake = ((c - self.e).abs().amax(1) > 1e-6)[:, None]                   # (B, 1)
+        onestep = ((t == 1) & (tt == 0))[:, None] & ~fake
+        v = torch.where(fake, self.v_fake(x, t), self.v_real(x, t))
+        return torch.where(onestep, self.onestep(x), v)
+
+
+class ConstantFields(StandIn):
+    """Real and fake velocities are constants (parameters); the one-step map is k*z + b. Then the
+    generator term's g = clamp(v_fake - v_real, -1, 1) is known without sampling."""
+
+    def __init__(self, v_real, v_fake):
+        super().__init__()
+        self.a_real, self.a_fake = nn.Parameter(torch.tensor(v_real)), nn.Parameter(torch.tensor(v_fake))
+        self.k = nn.Parameter(torch.tensor(0.7))
+        self.b = nn.Parameter(torch.zeros(len(v_real)))
+
+    def v_real(self, x, t):
+        return self.a_real.expand_as(x)
+
+    def v_fake(self, x, t):
+        return self.a_fake.expand_as(x)
+
+    def onestep(self, z):
+        return self.k * z + self.b
+
+
+class GaussianFields(StandIn):
+    """The case with a known answer: data N(mu_d, sd^2 I); generator x_g = gen_mean + sg * z, so
+    p_theta = N(gen_mean, sg^2 I). The real branch is the exact data velocity, the fake branch the
+    exact velocity of the generator's current distribution (what it converges to in training)."""
+
+    def __init__(self, mu_d, sd, mu_g, sg):
+        super().__init__()
+        self.register_buffer("mu_d", torch.tensor(mu_d))
+        self.sd, self.sg = sd, sg
+        self.gen_mean = nn.Parameter(torch.tensor(mu_g))
+
+    def v_real(self, x, t):
+        return gaussian_velocity(x, t, self.mu_d, self.sd)
+
+    def v_fake(self, x, t):
+        return gaussian_velocity(x, t, self.gen_mean, self.sg)
+
+    def onestep(self, z):
+        return z - (self.gen_mean + self.sg * z)                               # F = z - x_g
+
+
+class Recorder(nn.Module):
+    """Wraps a network and records every call (inputs, output, grad mode); keeps the gradient of
+    outputs that carry one. constant_generation=True detaches the output of calls made at t = 1,
+    tt = 0 for the whole batch (only the fake-row generation of step 2 is such a call)."""
+
+    def __init__(self, net, constant_generation=False):
+        super().__init__()
+        self.net, self.num_classes, self.calls = net, net.num_classes, []
+        self.constant_generation = constant_generation
+
+    def embed_class(self, y):
+        return self.net.embed_class(y)
+
+    def forward(self, x, t, tt, c):
+        out = self.net(x, t, tt, c)
+        if self.constant_generation and bool((t == 1).all() and (tt == 0).all()):
+            out = out.detach()
+        if out.requires_grad:
+            out.retain_grad()
+        self.calls.append(SimpleNamespace(x=x, t=t, tt=tt, c=c, out=out, grad_mode=torch.is_grad_enabled()))
+        return out
+
+    def main_pass(self, batch):
+        """The one forward pass with gradient over the whole batch (step 3)."""
+        found = [k for k in self.calls if k.grad_mode and len(k.x) == batch]
+        assert len(found) == 1, f"expected one forward pass with gradient over the batch, got {len(found)}"
+        return found[0]
+
+
+def loss_and_grads(net, ema, x, y, cfg, seed=0):
+    torch.manual_seed(seed)
+    net.zero_grad(set_to_none=True)
+    loss, terms = apex_min.apex_loss(net, ema, x, y, cfg)
+    loss.backward()
+    return loss, terms, {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                         for n, p in net.named_parameters()}
+
+
+def assert_one_line_error(text):
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{text}"
+    assert "error" in lines[0] and "Traceback" not in text
+
+
+# ==================================================================================================
+# 1. Config
+# ==================================================================================================
+
+
+def test_presets_are_valid_configs():
+    for name, preset in apex_min.PRESETS.items():
+        apex_min.validate(apex_min.Config(**preset, preset=name))
+    with pytest.raises(ValueError, match="batch-size"):
+        apex_min.validate(apex_min.Config(batch_size=3))
+
+
+# ==================================================================================================
+# 2. Model
+# ==================================================================================================
+
+
+def test_dit_shape_and_plain_flow_at_tt_equal_t():
+    """cond = emb_t(t) + (t - tt) emb_tt(tt) + c: at tt = t the target-time embedding drops out."""
+    net = tiny_dit()
+    x, y = shapes_batch(4)
+    t = torch.tensor([0.2, 0.5, 0.7, 1.0])
+    c = net.embed_class(y)
+    out = net(x, t, t, c)
+    assert out.shape == x.shape
+    with torch.no_grad():
+        for p in net.tt_embed.parameters():
+            p.add_(torch.randn_like(p))
+    torch.testing.assert_close(net(x, t, t, c), out)                 # tt = t: emb_tt has no effect
+    assert not torch.allclose(net(x, t, 0.5 * t, c), out)           # tt < t: it has
+
+
+# ==================================================================================================
+# 3. Condition shift
+# ==================================================================================================
+
+
+def test_condition_shift_changes_only_the_masked_rows():
+    c = torch.randn(6, 5)
+    fake = torch.tensor([False, True, False, True, True, False])
+    out = apex_min.condition_shift(c, fake, a=-0.5, b=1.0)
+    assert torch.equal(out[~fake], c[~fake])
+    torch.testing.assert_close(out[fake], -0.5 * c[fake] + 1.0)
+    out = apex_min.condition_shift(c, fake, a=-1.0, b=0.0)           # the released code's shift
+    torch.testing.assert_close(out[fake], -c[fake])
+
+
+# ==================================================================================================
+# 4. Interpolant and per-sample losses (conventions of METHOD.md Sec. 1)
+# ==================================================================================================
+
+
+def test_interpolant_endpoints_and_velocity_target():
+    x, z = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    zeros, ones = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    assert torch.equal(apex_min.interpolate(x, z, zeros), x)           # t = 0 is data
+    assert torch.equal(apex_min.interpolate(x, z, ones), z)            # t = 1 is noise
+    t, h = torch.rand(5, dtype=torch.float64) * 0.8 + 0.1, 1e-6
+    finite_difference = (apex_min.interpolate(x, z, t + h) - apex_min.interpolate(x, z, t - h)) / (2 * h)
+    torch.testing.assert_close(finite_difference, z - x)               # d x_t / d t = z - x
+    x_t, F = apex_min.interpolate(x, z, t), z - x
+    torch.testing.assert_close(x_t - per_row(t, x) * F, x)             # x_hat = x_t - t F
+    torch.testing.assert_close(x_t + per_row(1 - t, x) * F, z)         # z_hat = x_t + (1 - t) F
+
+
+def test_score_velocity_relation_against_exact_gaussian_scores():
+    """s_t = -(x_t + (1-t) v)/t, hence s_1 - s_2 = -((1-t)/t)(v_1 - v_2). v is computed by quadrature
+    of E[z - x | x_t] (independent of the closed form used by the stand-ins, which it also checks);
+    s is the exact score of the Gaussian x_t."""
+    torch.manual_seed(0)
+    gaussians = [(0.4, 0.3), (-0.5, 0.8)]                               # (mu, sd) of two data laws
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
+    x_t = torch.randn(5, dtype=torch.float64)
+    v, s = [], []
+    for mu, sd in gaussians:
+        grid = torch.linspace(mu - 12 * sd, mu + 12 * sd, 20001, dtype=torch.float64)   # values of x
+        z = (x_t[:, None] - (1 - t[:, None]) * grid) / t[:, None]                       # (5, G)
+        torch.testing.assert_close(apex_min.interpolate(grid.expand_as(z), z, t), x_t[:, None].expand_as(z))
+        log_w = -0.5 * ((grid - mu) / sd) ** 2 - 0.5 * z**2            # p(x) p(z): Jacobian 1/t is shared
+        w = torch.softmax(log_w, dim=1)
+        v.append((w * (z - grid)).sum(1))                               # E[z - x | x_t]
+        s.append(gaussian_score(x_t[:, None], t, mu, sd)[:, 0])
+        torch.testing.assert_close(v[-1], gaussian_velocity(x_t[:, None], t, mu, sd)[:, 0])
+        torch.testing.assert_close(s[-1], -(x_t + (1 - t) * v[-1]) / t)
+    torch.testing.assert_close(s[0] - s[1], -((1 - t) / t) * (v[0] - v[1]))
+
+
+def test_robust_loss_value_and_normalised_gradient():
+    """rho = m sg((m/c^2 + 1)^-1/2)/c: value m/sqrt(m + c^2), gradient that of 2 sqrt(m + c^2).
+    Fails if the stop-gradient inside rho is removed (the gradient halves for m >> c^2)."""
+    torch.manual_seed(0)
+    c = 1e-3
+    scale = torch.tensor([3e-4, 1e-3, 1e-2, 1.0])[:, None]               # errors around and above c
+    p = (scale * torch.randn(4, 6)).requires_grad_()
+    q = torch.zeros(4, 6)
+    rho = apex_min.robust_loss(p, q, c)
+    m = (p - q).pow(2).mean(1)
+    torch.testing.assert_close(rho, m / torch.sqrt(m + c**2))
+    (grad,) = torch.autograd.grad(rho.sum(), p)
+    (expected,) = torch.autograd.grad((2 * torch.sqrt(m + c**2)).sum(), p)
+    torch.testing.assert_close(grad, expected)
+
+
+# ==================================================================================================
+# 5. Objectives
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("objective", apex_min.OBJECTIVES)
+@pytest.mark.parametrize("batch", [4, 7, 16, 18])
+def test_row_groups_cover_the_batch(objective, batch):
+    rows = apex_min.row_groups(batch, objective)
+    covered = sorted(i for s in rows.values() for i in range(batch)[s])
+    assert covered == list(range(batch))                                # each row once
+    assert all(s.stop > s.start for n, s in rows.items() if n != "fake")
+    assert (rows["fake"].stop > rows["fake"].start) == (objective == "apex")
+
+
+EXPECTED_TERMS = {"apex": {"onestep", "flow", "anystep", "fake", "gen", "loss"},
+                  "consistency": {"onestep", "flow", "anystep", "loss"},
+                  "fm": {"flow", "loss"}, "paper": {"fake", "mix", "loss"}}
+
+
+@pytest.mark.parametrize("objective", apex_min.OBJECTIVES)
+def test_loss_is_finite_with_the_expected_terms(objective):
+    net = tiny_dit()
+    ema = copy.deepcopy(net).requires_grad_(False)
+    x, y = shapes_batch(16)
+    loss, terms, grads = loss_and_grads(net, ema, x, y, apex_min.Config(objective=objective))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert set(terms) == EXPECTED_TERMS[objective]
+    assert all(torch.isfinite(v) and not v.requires_grad for v in terms.values())
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_fake_rows_are_generated_without_gradient():
+    """Step 2: x_fake = z1 - F(z1, 1, 0, c) is computed without gradient and detached. The gradient
+    of the loss must equal the gradient computed with the generator's output fed in as a constant;
+    if the stop-gradient is removed, the path through x_fake adds to it. (no_grad and .detach() are
+    one stop-gradient written twice: deleting either alone changes nothing, deleting both fails here.)"""
+    x, y = shapes_batch(16)
+    cfg = apex_min.Config(objective="apex")
+    net = tiny_dit()
+    ema = copy.deepcopy(net).requires_grad_(False)
+    live = Recorder(net)
+    _, _, grads = loss_and_grads(live, ema, x, y, cfg)
+    assert not live.main_pass(16).x.requires_grad                       # x_t of every row is data
+    _, _, reference = loss_and_grads(Recorder(net, constant_generation=True), ema, x, y, cfg)
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_guidance_and_consistency_targets_are_constant(monkeypatch):
+    """Steps 4-5: the target is built without gradient (EMA guidance, consistency jumps, sg(F)).
+    Checked two ways: the EMA network, here with trainable weights, receives no gradient; and the
+    gradient of the loss with respect to the network output F equals the gradient of
+    mean(w * 2 sqrt(m + c^2)) (the spec's rho) with the target held constant."""
+    x, y = shapes_batch(16)
+    cfg = apex_min.Config(objective="apex", gen_weight=0.0, label_dropout=0.0, enr=0.5)
+    live = Recorder(tiny_dit(seed=0))
+    ema = tiny_dit(seed=1)                                              # requires_grad stays on
+    rho_args = []
+    original = apex_min.robust_loss
+    monkeypatch.setattr(apex_min, "robust_loss", lambda p, q, c=1e-3: rho_args.append((p, q)) or original(p, q, c))
+    loss_and_grads(live, ema, x, y, cfg)
+    assert all(p.grad is None or not p.grad.any() for p in ema.parameters()), "the EMA got a gradient"
+    main = live.main_pass(16)
+    (_, target), = rho_args                                              # rho(F, target), one call
+    F = main.out.detach().requires_grad_()
+    t, tt = main.t, main.tt
+    fake = (main.c != live.embed_class(y)).any(1)                       # rows with c_fake
+    assert fake.sum() == 4
+    w = torch.where(fake, torch.ones_like(t), 1 + torch.tan((1 - (t - tt)) * math.pi / 2.5))
+    m = (F - target.detach()).pow(2).flatten(1).mean(1)
+    (expected,) = torch.autograd.grad((w * 2 * torch.sqrt(m + cfg.robust_c**2)).mean(), F)
+    torch.testing.assert_close(main.out.grad, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_generator_term_gradient_is_the_normalised_g():
+    """Step 7: g = clamp(v_fake - v_real, -1, 1) with no gradient and L_gen = rho(F, sg(F - g)).
+    With constant velocities g is known, and d(gen_weight * L_gen)/dF_onestep per one-step row is
+    gen_weight * 2 g / (n sqrt(mean(g^2) + c^2)) / n_rows, so x_g = z - F moves along +g. The velocity
+    parameters get no gradient from the term (they would if g were computed with gradient)."""
+    v_real, v_fake = [0.3, -0.2, 0.5], [-0.4, 1.5, 0.1]                  # v_fake - v_real = -0.7, 1.7, -0.4
+    net = ConstantFields(v_real, v_fake)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    x, y = torch.randn(16, 3), torch.randint(3, (16,))
+    runs = {}
+    for weight in (0.0, 0.5):
+        live = Recorder(net)
+        cfg = apex_min.Config(objective="apex", gen_weight=weight)
+        _, terms, grads = loss_and_grads(live, ema, x, y, cfg)
+        runs[weight] = (live.main_pass(16).out.grad, grads, terms)
+    O = apex_min.row_groups(16, "apex")["onestep"]
+    dF = (runs[0.5][0] - runs[0.0][0])[O]                               # the generator term alone
+    g = (torch.tensor(v_fake) - torch.tensor(v_real)).clamp(-1, 1)      # (-0.7, 1, -0.4)
+    n, rows, c = 3, O.stop - O.start, 1e-3
+    expected = 0.5 * 2 * g / (n * torch.sqrt(g.pow(2).mean() + c**2)) / rows
+    torch.testing.assert_close(dF, expected.expand_as(dF), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(runs[0.5][2]["gen"], g.pow(2).mean() / torch.sqrt(g.pow(2).mean() + c**2))
+    for name in ("net.a_real", "net.a_fake"):                                # g carries no gradient
+        torch.testing.assert_close(runs[0.5][1][name], runs[0.0][1][name], rtol=0, atol=1e-7, msg=name)
+    # the difference is not in the rest of the batch either
+    torch.testing.assert_close(runs[0.5][0][O.stop:], runs[0.0][0][O.stop:], rtol=0, atol=0)
+
+
+def generator_term_gradient(net, ema, x, y, seed):
+    """d L_gen / d(net parameters and F_onestep): the loss with gen_weight 1 minus the loss with
+    gen_weight 0 under the same random numbers (they share everything before the term)."""
+    losses, outs = [], []
+    for weight in (1.0, 0.0):
+        torch.manual_seed(seed)
+        live = Recorder(net)
+        losses.append(apex_min.apex_loss(live, ema, x, y, apex_min.Config(objective="apex", gen_weight=weight))[0])
+        outs.append(live.main_pass(len(x)).out)
+    net.zero_grad(set_to_none=True)
+    (losses[0] - losses[1]).backward()        # outs[1].grad = -(the rest's gradient): add, not subtract
+    return outs[0].grad + outs[1].grad
+
+
+def test_generator_term_moves_samples_toward_the_data():
+    """The known answer: data N(mu_d, sd^2 I), generator N(mu_g, sd^2 I), both branches exact. Then
+    v_fake - v_real = (s / var_s) (mu_d - mu_g) at every x_s (a positive multiple of mu_d - mu_g), so
+    a gradient step on F_onestep must move every x_g = z - F toward the data mean. A flipped sign,
+    +(v_real - v_fake), would move it away. Then, trained on the generator term alone with the fake
+    branch tracking the generator, the generator's mean reaches the data mean."""
+    mu_d, mu_g, sd = [0.3, -0.2], [-0.2, 0.1], 0.5
+    net = GaussianFields(mu_d, sd, mu_g, sd)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    B = 64
+    x, y = torch.tensor(mu_d) + sd * torch.randn(B, 2), torch.randint(3, (B,))
+    O = apex_min.row_groups(B, "apex")["onestep"]
+    dF = generator_term_gradient(net, ema, x, y, seed=0)[O]             # (16, 2)
+    # x_g = z - F; a step F -> F - lr dF moves x_g by +lr dF: it must point along mu_d - mu_g
+    toward = torch.tensor(mu_d) - torch.tensor(mu_g)
+    cosine = torch.nn.functional.cosine_similarity(dF, toward[None], dim=1)
+    assert (cosine > 0.999).all(), cosine
+
+    net = GaussianFields(mu_d, 0.3, mu_g, 0.6)                          # different spreads as well
+    opt = torch.optim.SGD(net.parameters(), lr=0.02)
+    start = (net.gen_mean - torch.tensor(mu_d)).norm().item()
+    for step in range(60):
+        generator_term_gradient(net, copy.deepcopy(net).requires_grad_(False), x, y, seed=step)
+        opt.step()
+    assert (net.gen_mean - torch.tensor(mu_d)).norm().item() < 0.2 * start
+
+
+def test_paper_objective_gradient_paths(monkeypatch):
+    """Sec. 4 (paper-literal option): x_fake = x_t - t F keeps its gradient in L_fake (Eq. 11-12);
+    the mix target T = (1-lam)(z - x) + lam sg(v_fake) carries none (Eq. 17)."""
+    calls = []
+    original = apex_min.mse
+    monkeypatch.setattr(apex_min, "mse", lambda p, q: calls.append((p, q)) or original(p, q))
+    x, y = shapes_batch(8)
+    apex_min.apex_loss(tiny_dit(), None, x, y, apex_min.Config(objective="paper"))
+    (_, target_fake), (_, target_mix) = calls
+    assert target_fake.requires_grad                                   # z' - x_fake, with gradient
+    assert not target_mix.requires_grad                                 # sg(v_fake)
+
+
+@pytest.mark.parametrize("objective, ratio", [("apex", 0.93), ("consistency", 0.85), ("fm", 0.5), ("paper", 0.5)])
+def test_a_few_adam_steps_lower_the_loss(objective, ratio):
+    """Fixed batch, fixed seeds, the loss of one fixed draw of the random parts before and after.
+    The recipe losses fall slowly (their residuals are clamped to [-1, 1], and the one-step rows'
+    residual is divided by d = 0.01, so it stays clamped), hence 60 steps and the milder ratios;
+    the generator term even grows from 0 as the fake branch separates from the real one."""
+    x, y = shapes_batch(16)
+    cfg = apex_min.Config(objective=objective)
+    torch.manual_seed(0)
+    net = apex_min.DiT(**TINY_DIT)
+    ema = apex_min.EMA(net, cfg.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    def evaluate():
+        torch.manual_seed(1234)
+        return apex_min.apex_loss(net, ema.model, x, y, cfg)[0].item()
+
+    before = evaluate()
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss, _ = apex_min.apex_loss(net, ema.model, x, y, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(net)
+    after = evaluate()
+    assert after < ratio * before, (before, after)
+
+
+# ==================================================================================================
+# 6. Samplers
+# ==================================================================================================
+
+
+def test_one_nfe_sampler_is_the_closed_form_jump():
+    net = tiny_dit()
+    z, y = torch.randn(6, 3, 8, 8), torch.randint(4, (6,))              # class 3 is the null class
+    t = torch.full((6,), 0.999)
+    expected = z - 0.999 * net(z, t, torch.zeros(6), net.embed_class(y))
+    torch.testing.assert_close(apex_min.sample_fewstep(net, z, y, nfe=1), expected)
+
+
+def test_two_nfe_sampler_renoises_the_data_endpoint():
+    """[0.999, 0.6, 0]: x_hat at 0.999, re-noised to t = 0.6 with fresh noise (rho = 1), then x_hat."""
+    net = tiny_dit()
+    z, y = torch.randn(6, 3, 8, 8), torch.randint(3, (6,))
+    c, zeros = net.embed_class(y), torch.zeros(6)
+    g = torch.Generator().manual_seed(7)
+    x = z - 0.999 * net(z, torch.full((6,), 0.999), zeros, c)
+    x = 0.4 * x + 0.6 * torch.randn(z.shape, generator=g)
+    expected = x - 0.6 * net(x, torch.full((6,), 0.6), zeros, c)
+    got = apex_min.sample_fewstep(net, z, y, nfe=2, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expected)
+    assert apex_min.few_step_times(4) == [0.999, 0.833, 0.666, 0.5, 0.0]
+
+
+def test_euler_on_an_exact_gaussian_field_reaches_the_closed_form_flow_map():
+    """For data N(mu, sd^2 I) the flow map from t = 1 to t = 0 is z -> mu + sd z."""
+    mu, sd = [0.5, -0.3], 0.4
+    net = GaussianFields(mu, sd, [0.0, 0.0], 1.0).double()
+    torch.manual_seed(0)
+    z, y = torch.randn(256, 2, dtype=torch.float64), torch.randint(3, (256,))
+    exact = torch.tensor(mu, dtype=torch.float64) + sd * z
+    error = {n: (apex_min.sample_euler(net, z, y, steps=n) - exact).abs().max().item() for n in (100, 1000)}
+    assert error[1000] < 3e-3
+    assert error[1000] < error[100] / 5                                # first order: 10x the steps
+
+
+# ==================================================================================================
+# 8. Utilities
+# ==================================================================================================
+
+
+def test_ema_warmup_follows_the_released_recursion():
+    net = nn.Linear(2, 2)
+    ema = apex_min.EMA(net, target=0.99)
+    start = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)
+    assert ema.decay == pytest.approx(0.495)                            # 0 + (1 - 0)(0.99 - 0)/2
+    for e, s, p in zip(ema.model.parameters(), start, net.parameters()):
+        torch.testing.assert_close(e, 0.495 * s + 0.505 * p)
+    ema.update(net)
+    assert ema.decay == pytest.approx(0.495 + 0.505 * 0.495 / 2)
+    for _ in range(3000):                                               # slow approach: e <- e (1 - (1-d)/2)
+        ema.update(net)
+    assert 0.989 < ema.decay < 0.99
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A save that dies midway leaves the previous checkpoint readable and unchanged."""
+    path = str(tmp_path / "ckpt.pt")
+    apex_min.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+    def dying_save(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        apex_min.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = apex_min.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+# ==================================================================================================
+# 9. Training loop
+# ==================================================================================================
+
+
+def run_config(out_dir, **overrides):
+    return apex_min.Config(**{**apex_min.PRESETS["tiny"], **TINY_RUN, "out_dir": str(out_dir), **overrides})
+
+
+def test_save_resume_continue_equals_an_uninterrupted_run(tmp_path):
+    apex_min.train(run_config(tmp_path / "straight", max_steps=6))
+    apex_min.train(run_config(tmp_path / "split", max_steps=3))
+    apex_min.train(run_config(tmp_path / "split", max_steps=6, resume=True))
+    a = apex_min.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = apex_min.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 6
+    assert a["ema_decay"] == b["ema_decay"]
+    for which in ("model", "ema"):
+        for name, value in a[which].items():
+            torch.testing.assert_close(b[which][name], value, rtol=0, atol=1e-7, msg=f"{which}.{name}")
+    assert not torch.equal(a["model"]["out.weight"], torch.zeros_like(a["model"]["out.weight"]))
+
+
+def test_run_leaves_one_loadable_checkpoint_and_no_temp_file(tmp_path):
+    apex_min.train(run_config(tmp_path, max_steps=2))
+    assert not list(tmp_path.glob("*.tmp"))
+    state = apex_min.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert {"model", "ema", "opt", "config", "step"} <= set(state) and state["step"] == 2
+    net, cfg = apex_min.model_from_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert cfg.dim == 32 and isinstance(net, apex_min.DiT)
+    with pytest.raises(SystemExit, match="exists"):                     # no silent overwrite
+        apex_min.train(run_config(tmp_path, max_steps=2))
+
+
+@pytest.mark.parametrize("max_steps", [10, 5])   # caught at a log step / by the final check
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, max_steps):
+    original, calls = apex_min.apex_loss, []
+
+    def nan_after_four(*args, **kwargs):
+        calls.append(1)
+        loss, terms = original(*args, **kwargs)
+        return (loss * float("nan"), terms) if len(calls) > 4 else (loss, terms)
+
+    monkeypatch.setattr(apex_min, "apex_loss", nan_after_four)
+    with pytest.raises(SystemExit) as stop:
+        apex_min.train(run_config(tmp_path, max_steps=max_steps, log_every=2, ckpt_every=2))
+    assert "non-finite" in str(stop.value) and "\n" not in str(stop.value)
+    state = apex_min.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_with_another_architecture_fails_with_one_message(tmp_path):
+    apex_min.train(run_config(tmp_path, max_steps=1))
+    with pytest.raises(SystemExit) as stop:
+        apex_min.train(run_config(tmp_path, max_steps=2, resume=True, dim=64))
+    assert "architecture" in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_resume_with_another_class_count_fails_with_one_message(tmp_path):
+    apex_min.train(run_config(tmp_path, max_steps=1))
+    with pytest.raises(SystemExit) as stop:
+        apex_min.train(run_config(tmp_path, max_steps=2, resume=True, num_classes=4))
+    assert "architecture" in str(stop.value) and "\n" not in str(stop.value)
+
+
+RANK_HELPER = """
+import os, sys
+import torch
+import apex_min
+
+made = {}
+build = apex_min.build_model
+def build_and_keep(cfg):
+    made["net"] = build(cfg)
+    return made["net"]
+class KeptEMA(apex_min.EMA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        made["ema"] = self
+apex_min.build_model, apex_min.EMA = build_and_keep, KeptEMA
+apex_min.train(apex_min.parse_config(sys.argv[1:]))
+rank = os.environ["RANK"]
+torch.save({"model": made["net"].state_dict(), "ema": made["ema"].model.state_dict()},
+           os.path.join(os.environ["RANK_OUT"], f"rank{rank}.pt"))
+"""
+
+
+def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
+    helper = tmp_path / "rank_helper.py"
+    helper.write_text(textwrap.dedent(RANK_HELPER))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
+           "--preset", "tiny", "--max-steps", "4", "--out-dir", str(out), "--device", "cpu",
+           "--dim", "32", "--depth", "1", "--image-size", "8", "--batch-size", "8", "--num-classes", "3"]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**SUBPROCESS_ENV, "RANK_OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    saved = apex_min.load_checkpoint(str(out / "ckpt.pt"))
+    assert saved["step"] == 4
+    for which in ("model", "ema"):
+        for name, value in ranks[0][which].items():
+            assert torch.equal(ranks[1][which][name], value), f"{which}.{name} differs between ranks"
+            assert torch.equal(saved[which][name], value), f"{which}.{name} differs from the checkpoint"
+
+
+# ==================================================================================================
+# 10. Command line
+# ==================================================================================================
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--objective", "nope"], ["--lr", "-1"], ["--lr", "abc"],
+                                  ["--batch-size", "3"], ["--preset", "huge"], ["--max-steps", "0"]])
+def test_cli_errors_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        apex_min.parse_config(argv)
+    assert stop.value.code == 2
+    assert_one_line_error(capsys.readouterr().err)
+
+
+def test_cli_precedence_defaults_preset_flags():
+    cfg = apex_min.parse_config(["--preset", "tiny", "--dim", "32", "--no-compile"])
+    assert (cfg.dim, cfg.depth, cfg.compile) == (32, apex_min.PRESETS["tiny"]["depth"], False)
+    assert cfg.shift_a == apex_min.Config().shift_a
+
+
+def test_cli_end_to_end_errors_have_no_traceback(tmp_path):
+    script = str(HERE / "apex_min.py")
+    bad_flag = subprocess.run([sys.executable, script, "--objective", "nope"], capture_output=True,
+                              text=True, env=SUBPROCESS_ENV, timeout=60)
+    assert bad_flag.returncode == 2
+    assert_one_line_error(bad_flag.stderr)
+    missing = subprocess.run([sys.executable, script, "--resume", "--out-dir", str(tmp_path / "none"),
+                              "--device", "cpu", "--dim", "32", "--depth", "1", "--image-size", "8",
+                              "--batch-size", "8", "--max-steps", "1"],
+                             capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=60)
+    assert missing.returncode != 0
+    assert_one_line_error(missing.stderr)
+    assert "no checkpoint" in missing.stderr
