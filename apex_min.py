@@ -91,6 +91,12 @@ class Config:
     max_steps: int = 300          # stop after this many steps (0 = no limit)
     minutes: float = 0.0          # stop after this many minutes of this invocation (0 = no limit)
     compile: bool = False         # torch.compile the network (CUDA)
+    # --- plug-in tuning from a flow checkpoint (Sec. 4 of the paper: APEX tunes a flow model) ----
+    init_from: str = ""           # start from this checkpoint's EMA weights (e.g. an --objective fm run)
+    tune: str = "full"            # full | lora: train every weight, or low-rank adapters only
+    lora_rank: int = 16           # rank of the adapters with --tune lora
+    lora_targets: str = "ema"     # ema | teacher: which network gives guidance/consistency targets under LoRA
+    merge_lora: str = ""          # only export: fold the adapters of this LoRA checkpoint into plain weights
     # --- logging -------------------------------------------------------------------------------
     log_every: int = 25
     sample_every: int = 0         # sample grids every k steps (0 = at the end only)
@@ -117,6 +123,9 @@ def validate(cfg: Config) -> None:
         (cfg.dataset in ("cifar", "shapes"), "--dataset must be cifar or shapes"),
         (cfg.objective in OBJECTIVES, f"--objective must be one of {list(OBJECTIVES)}"),
         (cfg.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+        (cfg.tune in ("full", "lora") and cfg.lora_rank >= 1, "--tune must be full or lora, --lora-rank >= 1"),
+        (cfg.lora_targets in ("ema", "teacher"), "--lora-targets must be ema or teacher"),
+        (cfg.tune == "full" or cfg.init_from, "--tune lora needs --init-from CKPT (a base model to adapt)"),
         (cfg.image_size % cfg.patch_size == 0, "--image-size must be a multiple of --patch-size"),
         (cfg.dim % cfg.heads == 0, "--dim must be a multiple of --heads"),
         (min(cfg.dim, cfg.depth, cfg.heads, cfg.patch_size, cfg.num_classes) > 0,
@@ -245,6 +254,51 @@ def build_model(cfg: Config) -> DiT:
     return DiT(cfg.image_size, cfg.channels, cfg.patch_size, cfg.dim, cfg.depth, cfg.heads, cfg.num_classes)
 
 
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: W x + (B A x) * (alpha / r).
+    B starts at zero, so at initialisation the layer is exactly the base layer."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float = None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = (alpha or rank) / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def merged(self) -> nn.Linear:
+        out = copy.deepcopy(self.base)
+        out.weight.data += (self.lora_B @ self.lora_A) * self.scale
+        return out.requires_grad_(True)
+
+
+def add_lora(net: DiT, rank: int) -> DiT:
+    """Freeze the network and put adapters on the attention and MLP projections of every block.
+    The target-time embedding emb_tt stays trainable: a flow checkpoint has never used it (its
+    last layer is zero, so at tt = t the model is exactly the checkpoint), and the one-step jump
+    needs it."""
+    net.requires_grad_(False)
+    for block in net.blocks:
+        block.qkv, block.proj = LoRALinear(block.qkv, rank), LoRALinear(block.proj, rank)
+        block.mlp[0], block.mlp[2] = LoRALinear(block.mlp[0], rank), LoRALinear(block.mlp[2], rank)
+    net.tt_embed.requires_grad_(True)
+    return net
+
+
+def merge_lora(net: DiT) -> DiT:
+    """Fold every adapter into its base weight: a plain DiT with the same function."""
+    for block in net.blocks:
+        for name in ("qkv", "proj"):
+            if isinstance(getattr(block, name), LoRALinear):
+                setattr(block, name, getattr(block, name).merged())
+        for i in (0, 2):
+            if isinstance(block.mlp[i], LoRALinear):
+                block.mlp[i] = block.mlp[i].merged()
+    return net
+
+
 # ==================================================================================================
 # 3. Condition shift (the APEX-specific part)
 # ==================================================================================================
@@ -254,7 +308,11 @@ def condition_shift(c, fake, a: float, b: float):
     """Sec. 3.1, Eq. (9): c_fake = A c + b with A = a*I, b = b*1, on the rows where `fake` is True.
 
     The shifted condition turns the same network into a second, "fake" velocity field; trained by
-    flow matching on the generator's own samples it becomes the velocity of p_theta (Sec. 3.2)."""
+    flow matching on the generator's own samples it becomes the velocity of p_theta (Sec. 3.2).
+
+    NOTE(deviation): the paper shifts text-encoder features and the released code hard-codes
+    a = -1, b = 0 on the projected text tokens; we shift the class-embedding vector with the best
+    cell of the paper's Table 7 (a = -0.5, b = 1.0) as default (METHOD.md Sec. 2)."""
     return torch.where(fake[:, None], a * c + b, c)
 
 
@@ -291,6 +349,8 @@ def mse(p, q):  # per-sample mean squared error (B,)
 def row_groups(batch: int, objective: str) -> dict:
     """Contiguous row slices of the batch (METHOD.md Sec. 3 step 1). Static slices rather than
     random masks keep every shape fixed, so a step needs no host sync and compiles once."""
+    # NOTE(deviation): `consistency` (our ablation, not in the paper) splits the batch in three
+    # equal groups, so it spends the fake rows' share on the other three.
     parts = 4 if objective == "apex" else 3        # consistency: the same recipe, no fake rows
     q = batch // parts
     cuts = [0, q, 2 * q, 3 * q, batch] if parts == 4 else [0, q, 2 * q, batch, batch]
@@ -304,6 +364,8 @@ def apex_loss(net, ema, x, y, cfg: Config):
     `net` is the live network, `ema` the EMA network (both callables F(x, t, tt, c) with an
     `embed_class(y)` method and `num_classes`); the same function trains the DiT, the 2-D MLP of
     toy_2d.py and the test stand-ins."""
+    # NOTE(deviation): the null class comes from label dropout (10%); TwinFlow's MNIST tutorial
+    # used shuffled labels for the unconditional branch.
     if cfg.label_dropout > 0:   # the null class trains the unconditional branch used by guidance
         drop = torch.rand(y.shape, device=y.device) < cfg.label_dropout
         y = torch.where(drop, torch.full_like(y, net.num_classes), y)
@@ -348,6 +410,7 @@ def recipe_loss(net, ema, x, y, cfg: Config):
     if Fk.stop > Fk.start:
         # step 2: the fake rows' data are the generator's own one-step samples. No gradient and
         # detached: the fake branch must learn the velocity of p_theta as it is, not change it.
+        # (Drawn from the live network, the generator being trained, not from the EMA.)
         with torch.no_grad():
             z1 = torch.randn_like(x[Fk])
             ones = torch.ones(z1.shape[0], device=dev)
@@ -447,8 +510,8 @@ FEW_STEP_TIMES = {1: [0.999, 0.0], 2: [0.999, 0.6, 0.0], 4: [0.999, 0.833, 0.666
 
 
 def few_step_times(nfe: int) -> list:
-    """The released grids for 1/2/4 NFE; other NFE: t = 1 - linspace(0.001, 0.5, n), then 0
-    (the 4-NFE grid's gap, our choice)."""
+    """The released grids for 1/2/4 NFE; other NFE: t = 1 - linspace(0.001, 0.5, n), then 0.
+    NOTE(deviation): the gap for NFE other than 1, 2, 4 is ours (the 4-NFE grid's, 0.5)."""
     if nfe in FEW_STEP_TIMES:
         return FEW_STEP_TIMES[nfe]
     if nfe < 1:
@@ -622,9 +685,11 @@ def model_from_checkpoint(path: str, device="cpu", which: str = "ema"):
     """(network with the `which` weights, Config) from a checkpoint written by train()."""
     ckpt = load_checkpoint(path, device)
     cfg = Config(**ckpt["config"])
-    net = build_model(cfg).to(device)
+    net = build_model(cfg)
+    if cfg.tune == "lora":      # adapters are merged for sampling: same outputs, plain DiT speed
+        net = add_lora(net, cfg.lora_rank)
     net.load_state_dict(ckpt[which])
-    return net.eval().requires_grad_(False), cfg
+    return merge_lora(net).to(device).eval().requires_grad_(False), cfg
 
 
 @torch.no_grad()
@@ -637,6 +702,22 @@ def save_grid(net, path: str, cfg: Config, nfe: int, per_class: int = 10, seed: 
     z = torch.randn(len(y), cfg.channels, cfg.image_size, cfg.image_size, device=dev, generator=g)
     x = sample_fewstep(net, z, y, nfe=nfe, generator=g)
     save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=per_class)
+
+
+def export_merged(path: str) -> str:
+    """Write PATH's LoRA adapters folded into plain DiT weights (model and EMA) to *_merged.pt."""
+    ckpt = load_checkpoint(path)
+    cfg = Config(**ckpt["config"])
+    if cfg.tune != "lora":
+        raise SystemExit(f"error: {path} is not a LoRA checkpoint (its --tune is {cfg.tune})")
+    state = {"config": {**ckpt["config"], "tune": "full"}, "step": ckpt["step"], "merged_from": path}
+    for which in ("model", "ema"):
+        net = add_lora(build_model(cfg), cfg.lora_rank)
+        net.load_state_dict(ckpt[which])
+        state[which] = merge_lora(net).state_dict()
+    out = path[:-3] + "_merged.pt" if path.endswith(".pt") else path + "_merged.pt"
+    save_checkpoint(out, state)
+    return out
 
 
 def environment() -> dict:
@@ -655,6 +736,13 @@ def environment() -> dict:
 # ==================================================================================================
 # 9. Training loop
 # ==================================================================================================
+
+
+def check_architecture(saved: dict, cfg: Config, path: str) -> None:
+    arch = ("image_size", "channels", "patch_size", "dim", "depth", "heads", "num_classes")
+    differ = [f"{k} {saved.get(k)} vs {getattr(cfg, k)}" for k in arch if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise SystemExit(f"error: {path} holds another architecture ({', '.join(differ)})")
 
 
 def allreduce_gradients(model: nn.Module, world: int) -> None:
@@ -697,17 +785,28 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed + rank)
     data = ImageData(cfg, device)
-    net = build_model(cfg).to(device)
+    net = build_model(cfg)
+    if cfg.init_from:   # plug-in tuning: start from a flow checkpoint's EMA weights
+        base = load_checkpoint(cfg.init_from, "cpu")
+        check_architecture(base["config"], cfg, cfg.init_from)
+        base_cfg = Config(**base["config"])
+        if base_cfg.tune == "lora":
+            raise SystemExit(f"error: {cfg.init_from} is a LoRA run; merge it first (--merge-lora)")
+        net.load_state_dict(base["ema"])
+    teacher = copy.deepcopy(net).requires_grad_(False).to(device) if cfg.tune == "lora" else None
+    if cfg.tune == "lora":
+        net = add_lora(net, cfg.lora_rank)
+    net = net.to(device)
     ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2),
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, cfg.beta2),
                             weight_decay=cfg.weight_decay, fused=use_cuda)
     step, train_seconds = 0, 0.0
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path, device)
-        arch = ("image_size", "channels", "patch_size", "dim", "depth", "heads", "num_classes")
-        differ = [f"{k} {ckpt['config'].get(k)} vs {getattr(cfg, k)}" for k in arch if ckpt["config"].get(k) != getattr(cfg, k)]
-        if differ:
-            raise SystemExit(f"error: {ckpt_path} holds another architecture ({', '.join(differ)})")
+        check_architecture(ckpt["config"], cfg, ckpt_path)
+        if (ckpt["config"].get("tune"), ckpt["config"].get("lora_rank")) != (cfg.tune, cfg.lora_rank) and cfg.tune == "lora":
+            raise SystemExit(f"error: {ckpt_path} was trained with another --tune/--lora-rank")
         net.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         ema.decay = ckpt["ema_decay"]
@@ -731,16 +830,19 @@ def train(cfg: Config) -> dict:
         with open(os.path.join(cfg.out_dir, "env.json"), "w") as f:
             json.dump({**environment(), "world_size": world}, f, indent=2)
 
-    net_fn, ema_fn = net, ema.model
+    # under LoRA the guidance/consistency targets may come from the frozen base model instead
+    target_net = teacher if (teacher is not None and cfg.lora_targets == "teacher") else ema.model
+    net_fn, ema_fn = net, target_net
     if cfg.compile and use_cuda:
         # one graph per call shape and grad mode (the step calls the network at 4 batch sizes):
         # static shapes, and room for all of them in the recompile cache
         import torch._dynamo as dynamo
         dynamo.config.recompile_limit = max(32, dynamo.config.recompile_limit)
-        net_fn, ema_fn = torch.compile(net, dynamic=False), torch.compile(ema.model, dynamic=False)
+        net_fn, ema_fn = torch.compile(net, dynamic=False), torch.compile(target_net, dynamic=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
     local_batch = cfg.batch_size // world
     n_params = sum(p.numel() for p in net.parameters())
+    n_trainable = sum(p.numel() for p in trainable)
 
     def checkpoint():
         state = {"model": net.state_dict(), "ema": ema.model.state_dict(), "ema_decay": ema.decay,
@@ -772,7 +874,7 @@ def train(cfg: Config) -> dict:
             loss.backward()
             if distributed:
                 allreduce_gradients(net, world)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             ema.update(net)
             step += 1
@@ -814,7 +916,7 @@ def train(cfg: Config) -> dict:
     summary = {"step": step, "stop": stop_reason, "train_seconds": round(train_seconds, 1),
                "img_per_s_last_window": round(img_per_s, 1),
                "img_per_s_mean": round(steps_run * cfg.batch_size / max(time.time() - t0, 1e-9), 1),
-               "params": n_params,
+               "params": n_params, "trainable_params": n_trainable,
                "terms": {k: round(v.item(), 5) for k, v in terms.items()}}
     if main:
         checkpoint()          # save first: a late error in sampling must not cost the training
@@ -881,4 +983,8 @@ def parse_config(argv=None) -> Config:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    config = parse_config()
+    if config.merge_lora:
+        print(f"wrote {export_merged(config.merge_lora)}")
+    else:
+        train(config)

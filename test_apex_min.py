@@ -567,6 +567,87 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 # ==================================================================================================
+# 2b. LoRA adapters for plug-in tuning
+# ==================================================================================================
+
+
+def lora_inputs(seed=1):
+    torch.manual_seed(seed)
+    x, y = shapes_batch(6, seed)
+    t = torch.rand(6)
+    return x, t, t * torch.rand(6), y
+
+
+def test_lora_at_initialisation_is_exactly_the_base_model():
+    base = tiny_dit()
+    adapted = apex_min.add_lora(copy.deepcopy(base), rank=4)
+    x, t, tt, y = lora_inputs()
+    with torch.no_grad():
+        assert torch.equal(adapted(x, t, tt, adapted.embed_class(y)), base(x, t, tt, base.embed_class(y)))
+
+
+def test_lora_trains_only_the_adapters_and_the_target_time_embedding():
+    net = apex_min.add_lora(tiny_dit(), rank=4)
+    with torch.no_grad():   # non-zero B, so the gradient of A is non-zero too
+        for m in net.modules():
+            if isinstance(m, apex_min.LoRALinear):
+                m.lora_B.normal_(std=0.05)
+    x, y = shapes_batch(8)
+    cfg = apex_min.Config(objective="apex")
+    loss, _ = apex_min.apex_loss(net, copy.deepcopy(net).requires_grad_(False), x, y, cfg)
+    loss.backward()
+    with_grad = {n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad, "nothing was trained"
+    assert all(("lora_" in n) or n.startswith("tt_embed.") for n in with_grad), with_grad
+    assert any("lora_A" in n for n in with_grad) and any("lora_B" in n for n in with_grad)
+    assert all(not p.requires_grad for n, p in net.named_parameters() if ".base." in n)
+
+
+def test_merged_lora_gives_the_same_outputs():
+    net = apex_min.add_lora(tiny_dit(), rank=4)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, apex_min.LoRALinear):
+                m.lora_B.normal_(std=0.1)
+    x, t, tt, y = lora_inputs()
+    with torch.no_grad():
+        before = net(x, t, tt, net.embed_class(y))
+        merged = apex_min.merge_lora(copy.deepcopy(net))
+        after = merged(x, t, tt, merged.embed_class(y))
+    assert not any(isinstance(m, apex_min.LoRALinear) for m in merged.modules())
+    assert not torch.allclose(before, tiny_dit()(x, t, tt, tiny_dit().embed_class(y)), atol=1e-4)  # adapters matter
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_lora_run_and_merge_export(tmp_path):
+    base_dir, lora_dir = tmp_path / "fm", tmp_path / "lora"
+    apex_min.train(run_config(base_dir, objective="fm", max_steps=2))
+    summary = apex_min.train(run_config(lora_dir, init_from=str(base_dir / "ckpt.pt"), tune="lora",
+                                        lora_rank=2, max_steps=3))
+    assert 0 < summary["trainable_params"] < summary["params"]
+    path = apex_min.export_merged(str(lora_dir / "ckpt.pt"))
+    merged, cfg = apex_min.model_from_checkpoint(path)
+    unmerged, _ = apex_min.model_from_checkpoint(str(lora_dir / "ckpt.pt"))   # merges on load
+    x, t, tt, y = lora_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, tt, merged.embed_class(y)),
+                                   unmerged(x, t, tt, unmerged.embed_class(y)))
+    assert cfg.tune == "full"
+
+
+@pytest.mark.parametrize("init_from, message", [("missing.pt", "no checkpoint"), ("OTHER", "architecture")])
+def test_init_from_a_bad_checkpoint_fails_with_one_line(tmp_path, init_from, message):
+    if init_from == "OTHER":
+        apex_min.train(run_config(tmp_path / "other", objective="fm", max_steps=1, dim=64))
+        init_from = str(tmp_path / "other" / "ckpt.pt")
+    else:
+        init_from = str(tmp_path / init_from)
+    with pytest.raises(SystemExit) as stop:
+        apex_min.train(run_config(tmp_path / "new", init_from=init_from, max_steps=1))
+    assert message in str(stop.value) and "\n" not in str(stop.value)
+
+
+# ==================================================================================================
 # 9. Training loop
 # ==================================================================================================
 
