@@ -89,7 +89,7 @@ class Config:
     ema_decay: float = 0.99       # target decay of the warm-up EMA (step 8)
     warmup_steps: int = 0         # linear learning-rate warm-up
     max_steps: int = 300          # stop after this many steps (0 = no limit)
-    minutes: float = 0.0          # stop after this many minutes of this invocation (0 = no limit)
+    minutes: float = 0.0          # training minutes of this invocation, from the end of its first (compiling) step; 0 = none
     compile: bool = False         # torch.compile the network (CUDA)
     # --- plug-in tuning from a flow checkpoint (Sec. 4 of the paper: APEX tunes a flow model) ----
     init_from: str = ""           # start from this checkpoint's EMA weights (e.g. an --objective fm run)
@@ -859,7 +859,11 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not main, mininterval=2,
                desc=f"{cfg.objective} {n_params / 1e6:.1f}M")
     bad = torch.zeros((), dtype=torch.bool, device=device)   # any non-finite loss since the last check
-    t0, last_t, last_step, img_per_s, stop_reason = time.time(), time.time(), step, 0.0, "max-steps"
+    # The clocks (--minutes, train_seconds, img/s) start when the first step of this invocation
+    # has finished: that step includes torch.compile's compilation, reported as warmup_seconds.
+    t_start = time.time()
+    t0 = last_t = t_start
+    last_step, img_per_s, stop_reason, warmup_seconds = step, 0.0, "max-steps", 0.0
     first_step = step
     terms = {}
     try:
@@ -879,6 +883,11 @@ def train(cfg: Config) -> dict:
             ema.update(net)
             step += 1
             bar.update(1)
+            if step == first_step + 1:
+                if use_cuda:
+                    torch.cuda.synchronize()
+                t0 = last_t = time.time()
+                warmup_seconds, last_step = t0 - t_start, step
 
             at_log = step % cfg.log_every == 0
             at_ckpt = step % cfg.ckpt_every == 0
@@ -915,7 +924,8 @@ def train(cfg: Config) -> dict:
     steps_run = step - first_step
     summary = {"step": step, "stop": stop_reason, "train_seconds": round(train_seconds, 1),
                "img_per_s_last_window": round(img_per_s, 1),
-               "img_per_s_mean": round(steps_run * cfg.batch_size / max(time.time() - t0, 1e-9), 1),
+               "img_per_s_mean": round((steps_run - 1) * cfg.batch_size / max(time.time() - t0, 1e-9), 1),
+               "warmup_seconds": round(warmup_seconds, 1),
                "params": n_params, "trainable_params": n_trainable,
                "terms": {k: round(v.item(), 5) for k, v in terms.items()}}
     if main:

@@ -25,17 +25,20 @@ Stand-in networks follow the protocol of apex_loss: attribute `num_classes`, `em
 import copy
 import math
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import apex_min
+import cifar_demo
 
 # The models here are tiny: one thread avoids OpenMP hand-offs, which on a shared 2-core machine
 # cost more than the arithmetic (about 100x on the APEX step).
@@ -788,3 +791,251 @@ def test_cli_end_to_end_errors_have_no_traceback(tmp_path):
     assert missing.returncode != 0
     assert_one_line_error(missing.stderr)
     assert "no checkpoint" in missing.stderr
+
+
+# ==================================================================================================
+# 11. cifar_demo.py: FID machinery and the training-speed count (CPU, stand-in Inception)
+# ==================================================================================================
+
+def random_covariance(rng, d, n=None):
+    """Sample covariance of n Gaussian points in d dimensions (rank min(n - 1, d))."""
+    a = rng.standard_normal((n or 3 * d, d)) @ rng.standard_normal((d, d))
+    return np.cov(a, rowvar=False)
+
+
+# --- Inception network and feature extraction -------------------------------------------------
+
+class StandInInception(torch.nn.Module):
+    """Records what it is fed; features = a fixed linear map of the pooled input."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2048)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(dict(shape=tuple(x.shape), dtype=x.dtype, min=x.min().item(), max=x.max().item(),
+                              tf32=(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+        return self.proj(x.mean(dim=(2, 3)))  # (B, 2048)
+
+
+def test_inception_features_preprocessing():
+    model = StandInInception()
+    images = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
+    images[1] = 255                                                # white
+    images[2] = torch.arange(32, dtype=torch.uint8).mul(8)       # ramp 0..248 along the width
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):         # a caller's autocast must not leak in
+            feats = cifar_demo.inception_features(model, images, batch_size=2, device="cpu")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert feats.shape == (5, 2048) and feats.dtype == np.float64
+    assert [s["shape"] for s in model.seen] == [(2, 3, 299, 299), (2, 3, 299, 299), (1, 3, 299, 299)]
+    assert all(s["dtype"] == torch.float32 and s["tf32"] == (False, False) for s in model.seen)
+    assert model.seen[0]["min"] == -1.0 and model.seen[0]["max"] == pytest.approx(1.0, abs=1e-6)  # black -> -1, white -> +1
+    # the ramp: bilinear upsampling (align_corners=False) keeps its end values, 0 -> -1 and 248 -> 2 * 248 / 255 - 1
+    model.seen.clear()
+    cifar_demo.inception_features(model, images[2:3], batch_size=1, device="cpu")
+    assert model.seen[0]["min"] == -1.0 and model.seen[0]["max"] == pytest.approx(2 * 248 / 255 - 1, abs=1e-6)
+    # features of an image do not depend on the batch it is in
+    one_by_one = cifar_demo.inception_features(model, images, batch_size=1, device="cpu")
+    np.testing.assert_allclose(one_by_one, feats, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script/save are deprecated, still work
+def test_load_inception_missing_or_wrong_file(tmp_path):
+    with pytest.raises(SystemExit) as missing:
+        cifar_demo.load_inception(tmp_path / "nope.pt")
+    assert missing.value.code == 2
+    fake = tmp_path / "default_1.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(fake))
+    with pytest.raises(SystemExit) as wrong:  # right name, wrong network: refused by the sha256
+        cifar_demo.load_inception(fake)
+    assert wrong.value.code == 2
+
+
+@pytest.mark.skipif(not (HERE / ".fid" / "default_1.pt").is_file(), reason="no .fid/default_1.pt")
+def test_real_inception_output_shape():
+    model = cifar_demo.load_inception(HERE / ".fid" / "default_1.pt", "cpu")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    feats = cifar_demo.inception_features(model, images, batch_size=2, device="cpu")
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
+    assert feats.min() >= 0  # pool3 averages ReLU outputs
+
+
+# --- statistics and the Frechet distance ---------------------------------------------------------
+
+def test_feature_stats_by_hand():
+    feats = np.random.default_rng(0).standard_normal((50, 4))
+    mu, sigma = cifar_demo.feature_stats(feats)
+    centred = feats - feats.sum(axis=0) / 50
+    np.testing.assert_allclose(mu, feats.sum(axis=0) / 50)
+    np.testing.assert_allclose(sigma, centred.T @ centred / 49)  # unbiased, as np.cov and pytorch-fid
+
+
+def test_frechet_distance_of_identical_stats_is_zero():
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(64), random_covariance(rng, 64)
+    assert abs(cifar_demo.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0.1, 3, 32), rng.uniform(0.1, 3, 32)
+    mu1, mu2 = rng.standard_normal(32), rng.standard_normal(32)
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum() + ((mu1 - mu2) ** 2).sum()
+    got = cifar_demo.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_symmetric_and_matches_general_eigenvalues():
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.standard_normal(40), rng.standard_normal(40)
+    s1, s2 = random_covariance(rng, 40), random_covariance(rng, 40)
+    d12 = cifar_demo.frechet_distance(mu1, s1, mu2, s2)
+    assert d12 == pytest.approx(cifar_demo.frechet_distance(mu2, s2, mu1, s1), rel=1e-12)
+    # another code path: tr sqrt(S1 S2) from the (real, positive) eigenvalues of the product itself
+    trace_covmean = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_covmean
+    assert d12 == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_rank_deficient_covariances():
+    rng = np.random.default_rng(3)  # fewer samples than dimensions, as with a small FID sample
+    s1, s2 = random_covariance(rng, 64, n=20), random_covariance(rng, 64, n=20)
+    d = cifar_demo.frechet_distance(np.zeros(64), s1, np.zeros(64), s2)
+    assert np.isfinite(d) and d > 0
+    assert abs(cifar_demo.frechet_distance(np.zeros(64), s1, np.zeros(64), s1)) < 1e-8
+
+
+# --- CIFAR-10 pickles and reference statistics -------------------------------------------------
+
+def write_fake_cifar(root, n=4):
+    """cifar-10-batches-py with n images a batch, rows laid out as the official R, G, B planes."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    x_hwc = rng.integers(0, 256, (6 * n, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 6 * n)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        rows = x_hwc[k * n:(k + 1) * n].transpose(0, 3, 1, 2).reshape(n, 3072)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": y[k * n:(k + 1) * n].tolist()}, f, protocol=2)
+    return x_hwc, y
+
+
+def test_load_cifar_reads_the_pickles_without_md5(tmp_path):
+    """apex_min.load_cifar (the one reader both scripts use) undoes the R, G, B planes."""
+    x_hwc, y = write_fake_cifar(tmp_path)
+    x, labels = apex_min.load_cifar(str(tmp_path), train=True)
+    assert x.dtype == torch.uint8 and x.shape == (20, 3, 32, 32) and labels.dtype == torch.int64
+    assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(x_hwc[:20]))
+    assert labels.tolist() == y[:20].tolist()
+    x_test, _ = apex_min.load_cifar(str(tmp_path), train=False)
+    assert torch.equal(x_test.permute(0, 2, 3, 1), torch.from_numpy(x_hwc[20:]))
+
+
+def test_load_cifar_missing_names_the_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise OSError("no route to host")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_network)
+    with pytest.raises(SystemExit) as missing:
+        apex_min.load_cifar(str(tmp_path / "nowhere"), train=True)
+    message = str(missing.value)
+    assert "cifar-10-batches-py" in message and "to_torchvision.py" in message and "\n" not in message
+
+
+def test_reference_stats_cache(tmp_path, monkeypatch):
+    write_fake_cifar(tmp_path)
+    cache = tmp_path / "stats.npz"
+    mu, sigma = cifar_demo.reference_stats(tmp_path, StandInInception(), "cpu", cache, limit=12)
+    assert int(np.load(cache)["n"]) == 12 and sigma.shape == (2048, 2048)
+    monkeypatch.setattr(cifar_demo, "inception_features", None)  # a second call must not recompute
+    mu2, sigma2 = cifar_demo.reference_stats(tmp_path, None, "cpu", cache, limit=12)
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+
+
+# --- sampling side, with apex_min's samplers stood in for --------------------------------------
+
+def test_generate_class_major_and_same_noise(monkeypatch):
+    calls = []
+
+    def sample_fewstep(net, z, y, nfe):
+        calls.append(nfe)
+        return (z / 4 + y[:, None, None, None] / 10 - 0.5).clamp(-1, 1)  # depends on z and on the class
+
+    fake = SimpleNamespace(sample_fewstep=sample_fewstep, sample_euler=None)
+    monkeypatch.setattr(cifar_demo, "apex_min", fake)
+    net = torch.nn.Identity()
+    big = cifar_demo.generate(net, 5, nfe=2, batch_size=7, seed=3)
+    small = cifar_demo.generate(net, 2, nfe=2, batch_size=4, seed=3)
+    assert big.dtype == torch.uint8 and big.shape == (50, 3, 32, 32) and set(calls) == {2}
+    for c in range(10):  # class-major, and the first samples of a class share their noise
+        assert torch.equal(small[2 * c:2 * c + 2], big[5 * c:5 * c + 2])
+    assert not torch.equal(big[:2], cifar_demo.generate(net, 2, nfe=2, seed=4)[:2])
+    # [-1, 1] -> uint8 rounds to nearest: -1 -> 0, 0 -> 128 (127.5, half to even), 1 -> 255
+    fake.sample_fewstep = lambda net, z, y, nfe: torch.tensor([-1.0, 0.0, 1.0]).repeat(len(z), 1024)[:, :3072].view(-1, 3, 32, 32)
+    edges = cifar_demo.generate(net, 1, nfe=1)
+    assert edges[0].flatten()[:3].tolist() == [0, 128, 255]
+
+
+def test_save_class_grid(tmp_path):
+    images = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)
+    cifar_demo.save_class_grid({"1 NFE": images, "Euler 50": images}, 3, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"grid_1nfe.png", "grid_euler50.png", "grid_compare.png"}
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def test_cli_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
+    run = subprocess.run([sys.executable, str(HERE / "cifar_demo.py"), "--ckpt", "missing.pt"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr == "cifar_demo.py: error: checkpoint not found: missing.pt\n"
+
+
+@pytest.mark.parametrize("argv", [["--nfe", "0", "--check-fid"], ["--bogus"], [], ["--check-fid", "--device", "tpu9"],
+                                  ["--check-fid", "--euler-steps", "-1"]])
+def test_cli_bad_flags_are_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cifar_demo.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar_demo.py: error:") and err.count("\n") == 1
+
+
+# --- training speed: the analytic FLOP count ----------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cifar"])
+def test_forward_flops_match_torchs_flop_counter(preset):
+    """The analytic count against another code path: torch's FLOP counter on a real forward pass
+    (attention on the math backend, which the counter sees as two matrix products)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = apex_min.Config(**apex_min.PRESETS[preset])
+    net = apex_min.build_model(cfg)
+    x = torch.randn(2, cfg.channels, cfg.image_size, cfg.image_size)
+    t = torch.rand(2)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, t, t / 2, net.embed_class(torch.zeros(2, dtype=torch.long)))
+    assert counter.get_total_flops() / 2 == cifar_demo.forward_flops(cfg)
+
+
+def test_step_flops_count_the_network_calls_of_a_step():
+    """Per image, an APEX step is the network calls apex_loss makes, weighted by their rows, with
+    backward = 2 forwards; counted here from a recording of the calls, not from the formula."""
+    cfg = apex_min.Config(objective="apex", num_classes=3)
+    net = Recorder(tiny_dit())
+    x, y = shapes_batch(16)
+    loss, _ = apex_min.apex_loss(net, net, x, y, cfg)
+    rows = sum(len(k.x) * (3 if k.grad_mode else 1) for k in net.calls)   # the pass with gradient: 3 f
+    f = cifar_demo.forward_flops(apex_min.Config(**TINY_DIT))
+    assert cifar_demo.step_flops(apex_min.Config(**{**TINY_DIT, "objective": "apex"})) == rows / 16 * f
+    assert cifar_demo.step_flops(apex_min.Config(**{**TINY_DIT, "objective": "fm"})) == 3 * f

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's CIFAR-10 tables, exactly as they were made (one H200 of the
+# device tool, one phase per call of at most 10 minutes; checkpoints stay in runs/ between calls).
+#   bash results/run_gpu.sh PHASE      PHASE = data | apex | tune | lora | consistency
+# STAGE (default /root/stage) holds the CIFAR-10 shards, default_1.pt and the reference stats.
+# TINY=1 runs the same commands at toy size on a CPU (a smoke test of the pipeline, seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${STAGE:-/root/stage}
+OUT=${OUT:-runs/out}
+mkdir -p "$OUT" runs
+export PYTHONUNBUFFERED=1
+FID="--fid-weights $STAGE/default_1.pt --ref-stats $STAGE/cifar10_train_inception_pool3.npz"
+MIN_APEX=5.5 MIN_TEACHER=2.75 MIN_TUNE=2.75
+TRAIN="" DEMO=""
+if [ "${TINY:-0}" = 1 ]; then   # toy sizes: the same code paths, on a CPU, in seconds
+  TRAIN="--device cpu --dim 32 --depth 1 --heads 2 --batch-size 16 --no-compile --log-every 2 --ckpt-every 4 --sample-every 0"
+  MIN_APEX=0.05 MIN_TEACHER=0.05 MIN_TUNE=0.05
+  DEMO="--device cpu --num-per-class 2 --grid-per-class 2 --batch-size 10"
+fi
+
+train() {  # train NAME ARGS...: a run folder runs/NAME, its log and records copied to $OUT
+  local name=$1; shift
+  python apex_min.py --dataset cifar --out-dir runs/$name $TRAIN "$@" > runs/$name.log 2>&1 \
+    || { tr '\r' '\n' < runs/$name.log | tail -n 20; exit 1; }
+  tr '\r' '\n' < runs/$name.log | grep -v '^\s*$' | tail -n 40 > "$OUT/$name.train.log"
+  tail -n 2 "$OUT/$name.train.log"
+  for f in config env summary; do cp runs/$name/$f.json "$OUT/$name.$f.json"; done
+}
+score() {  # score NAME ARGS...: FID-10k of runs/NAME/ckpt.pt (EMA weights), grids into $OUT
+  local name=$1; shift
+  python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO "$@" > "$OUT/$name.fid.log" 2>&1 || { tail -n 20 "$OUT/$name.fid.log"; exit 1; }
+  grep "FID" "$OUT/$name.fid.log" | head -n 8
+  cp runs/$name/fid_results.json "$OUT/$name.fid.json"
+  cp runs/$name/grid_compare.png "$OUT/$name.grid_compare.png"
+}
+
+case "${1:-}" in
+  data)         # CIFAR-10 pickles from the staged shards; the FID code against the reference
+    [ -d data/cifar-10-batches-py ] || python "$STAGE/to_torchvision.py" data --src "$STAGE" > /dev/null
+    if [ "${TINY:-0}" = 1 ]; then
+      python cifar_demo.py --check-fid $FID --data-dir data --limit 40 --device cpu --out "$OUT" | tail -n 3
+    else
+      python cifar_demo.py --check-fid $FID --data-dir data --out "$OUT" | grep -E '"(fid|max_abs|seconds)'
+    fi ;;
+  apex)         # issue 4's headline: the default objective from scratch in 330 s
+    train apex --minutes $MIN_APEX
+    score apex --nfe 1 2 --euler-steps 0 ;;
+  tune)         # a flow model in the first half of the budget, then APEX on all weights
+    train teacher --objective fm --minutes $MIN_TEACHER
+    score teacher --nfe 1 2 --euler-steps 50
+    train tune_full --init-from runs/teacher/ckpt.pt --minutes $MIN_TUNE
+    score tune_full --nfe 1 2 --euler-steps 0 ;;
+  lora)         # the same tuning with LoRA adapters, two ranks (released LoRA lr is 10x full)
+    for r in 8 64; do
+      train tune_lora$r --init-from runs/teacher/ckpt.pt --tune lora --lora-rank $r --lr 1e-3 --minutes $MIN_TUNE
+      score tune_lora$r --nfe 1 2 --euler-steps 0
+    done
+    python cifar_demo.py --speed runs/apex runs/teacher runs/tune_full runs/tune_lora8 runs/tune_lora64 \
+      $DEMO --out "$OUT" | head -n 6 ;;
+  consistency)  # the ablation beside the headline: no fake rows, no generator term
+    train consistency --objective consistency --minutes $MIN_APEX
+    score consistency --nfe 1 2 --euler-steps 0 ;;
+  *) echo "usage: bash results/run_gpu.sh data|apex|tune|lora|consistency" >&2; exit 2 ;;
+esac
