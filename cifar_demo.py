@@ -277,9 +277,12 @@ def measured_bf16_peak(n=8192, repeats=20):
     return repeats * 2 * n ** 3 / (start.elapsed_time(end) / 1e3)
 
 
-def speed_report(run_dirs, device):
-    """img/s and MFU of finished runs (their summary.json, steady-state img/s of the last window)."""
-    peak = measured_bf16_peak() if torch.device(device).type == "cuda" else None
+def speed_report(run_dirs, device, peak_tflops=None):
+    """img/s and MFU of finished runs (their summary.json, steady-state img/s of the last window),
+    against the bf16 peak measured here on a GPU, or given (--peak-tflops, as measured earlier)."""
+    peak = peak_tflops * 1e12 if peak_tflops else (measured_bf16_peak() if torch.device(device).type == "cuda" else None)
+    if peak:
+        print(f"bf16 peak {peak / 1e12:.1f} TFLOP/s ({'given' if peak_tflops else 'measured: 8192^3 matmul'})")
     rows = []
     for run in run_dirs:
         run = Path(run)
@@ -330,7 +333,8 @@ def build_parser():
     g.add_argument("--check-fid", action="store_true", help="check our FID code on CIFAR-10 test vs train")
     g.add_argument("--limit", type=positive_int, help="first N images of each split only (smoke tests)")
     g = p.add_argument_group("training speed")
-    g.add_argument("--speed", nargs="+", metavar="RUN_DIR", help="img/s and MFU of finished runs")
+    g.add_argument("--speed", nargs="*", metavar="RUN_DIR", help="img/s and MFU of finished runs (none: the peak only)")
+    g.add_argument("--peak-tflops", type=float, help="bf16 peak to measure MFU against (default: measure it here)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="results folder (default: beside the checkpoint; runs/check_fid)")
     g.add_argument("--batch-size", type=positive_int, default=250, help="Inception batch")
@@ -410,7 +414,7 @@ def main(argv=None):
         fail("--device cuda but no CUDA device is visible; use --device cpu")
     if args.check_fid:
         default_out, name = HERE / "runs" / "check_fid", "check_fid.json"
-    elif args.speed:
+    elif args.speed is not None:
         default_out, name = HERE / "runs", "speed.json"
     else:
         default_out, name = Path(args.ckpt).resolve().parent, "fid_results.json"
@@ -419,8 +423,8 @@ def main(argv=None):
     start = time.time()
     if args.check_fid:
         result = check_fid(args)
-    elif args.speed:
-        result = speed_report(args.speed, args.device)
+    elif args.speed is not None:
+        result = speed_report(args.speed, args.device, args.peak_tflops)
     else:
         result = sample_and_score(args, out_dir)
     result.update(apex_min.environment(), numpy=np.__version__, inception_sha256=INCEPTION_SHA256,
