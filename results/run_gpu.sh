@@ -11,7 +11,7 @@ OUT=${OUT:-runs/out}
 mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1
 FID="--fid-weights $STAGE/default_1.pt --ref-stats $STAGE/cifar10_train_inception_pool3.npz"
-MIN_APEX=5.5 MIN_TEACHER=2.75 MIN_TUNE=2.75
+MIN_APEX=${MIN_APEX:-5.5} MIN_TEACHER=${MIN_TEACHER:-2.75} MIN_TUNE=${MIN_TUNE:-2.75}
 TRAIN="" DEMO=""
 if [ "${TINY:-0}" = 1 ]; then   # toy sizes: the same code paths, on a CPU, in seconds
   TRAIN="--device cpu --dim 32 --depth 1 --heads 2 --batch-size 16 --no-compile --log-every 2 --ckpt-every 4 --sample-every 0"
@@ -19,31 +19,39 @@ if [ "${TINY:-0}" = 1 ]; then   # toy sizes: the same code paths, on a CPU, in s
   DEMO="--device cpu --num-per-class 2 --grid-per-class 2 --batch-size 10"
 fi
 
-train() {  # train NAME ARGS...: a run folder runs/NAME, its log and records copied to $OUT
+train() {  # train NAME ARGS...: a run folder runs/NAME; its log goes to $OUT/NAME.log
   local name=$1; shift
   python apex_min.py --dataset cifar --out-dir runs/$name $TRAIN "$@" > runs/$name.log 2>&1 \
     || { tr '\r' '\n' < runs/$name.log | tail -n 20; exit 1; }
-  tr '\r' '\n' < runs/$name.log | grep -v '^\s*$' | tail -n 40 > "$OUT/$name.train.log"
-  tail -n 2 "$OUT/$name.train.log"
-  for f in config env summary; do cp runs/$name/$f.json "$OUT/$name.$f.json"; done
+  tr '\r' '\n' < runs/$name.log | grep -v '^\s*$' | tail -n 40 > "$OUT/$name.log"
+  tail -n 2 "$OUT/$name.log"
 }
-score() {  # score NAME ARGS...: FID-10k of runs/NAME/ckpt.pt (EMA weights), grids into $OUT
+score() {  # score NAME ARGS...: FID-10k of runs/NAME/ckpt.pt (EMA weights); one record $OUT/NAME.json
   local name=$1; shift
-  python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO "$@" > "$OUT/$name.fid.log" 2>&1 || { tail -n 20 "$OUT/$name.fid.log"; exit 1; }
-  grep "FID" "$OUT/$name.fid.log" | head -n 8
-  cp runs/$name/fid_results.json "$OUT/$name.fid.json"
+  python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO "$@" > runs/$name.fid.log 2>&1 \
+    || { tail -n 20 runs/$name.fid.log; exit 1; }
+  grep "FID" runs/$name.fid.log | head -n 8 | tee -a "$OUT/$name.log"
+  python - "$name" "$OUT/$name.json" <<'PY'
+import json, sys
+run = f"runs/{sys.argv[1]}"
+record = {k: json.load(open(f"{run}/{f}.json")) for k, f in
+          (("config", "config"), ("env", "env"), ("summary", "summary"), ("fid", "fid_results"))}
+json.dump(record, open(sys.argv[2], "w"), indent=1)
+PY
   cp runs/$name/grid_compare.png "$OUT/$name.grid_compare.png"
 }
 
 case "${1:-}" in
-  data)         # CIFAR-10 pickles from the staged shards; the FID code against the reference; the peak
-    [ -d data/cifar-10-batches-py ] || python "$STAGE/to_torchvision.py" data --src "$STAGE" > /dev/null
-    if [ "${TINY:-0}" = 1 ]; then
-      python cifar_demo.py --check-fid $FID --data-dir data --limit 40 --device cpu --out "$OUT" | tail -n 3
-    else
-      python cifar_demo.py --check-fid $FID --data-dir data --out "$OUT" | grep -E '"(fid|max_abs|seconds)'
-      python cifar_demo.py --speed --out "$OUT" | head -n 1
-    fi ;;
+  data)         # CIFAR-10 pickles (staged as pickles, or made from the shards); FID check; bf16 peak
+    if [ ! -d data/cifar-10-batches-py ]; then
+      if [ -f "$STAGE/data_batch_1" ]; then mkdir -p data/cifar-10-batches-py && cp "$STAGE"/*_batch* data/cifar-10-batches-py/
+      else python "$STAGE/to_torchvision.py" data --src "$STAGE" > /dev/null; fi
+    fi
+    if [ -f data/cifar-10-batches-py/test_batch ]; then   # the check needs the test split
+      python cifar_demo.py --check-fid $FID --data-dir data --out "$OUT" $([ "${TINY:-0}" = 1 ] && echo "--limit 40 --device cpu") \
+        | grep -E '"(fid|max_abs|seconds)'
+    fi
+    [ "${TINY:-0}" = 1 ] || python cifar_demo.py --speed --out "$OUT" | head -n 1 ;;
   teacher)      # a flow model trained in the first half of the budget (issues 4 and 6)
     train teacher --objective fm --minutes $MIN_TEACHER
     score teacher --nfe 1 2 --euler-steps 50 ;;
