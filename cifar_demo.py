@@ -284,18 +284,20 @@ def speed_report(run_dirs, device, peak_tflops=None):
     if peak:
         print(f"bf16 peak {peak / 1e12:.1f} TFLOP/s ({'given' if peak_tflops else 'measured: 8192^3 matmul'})")
     rows = []
-    for run in run_dirs:
-        run = Path(run)
-        if not (run / "summary.json").is_file():
-            fail(f"{run} has no summary.json (is it a finished apex_min.py run folder?)")
-        cfg = apex_min.Config(**json.loads((run / "config.json").read_text()))
-        summary = json.loads((run / "summary.json").read_text())
+    for run in map(Path, run_dirs):
+        if run.is_file() and run.suffix == ".json":   # a record of results/run_gpu.sh: {config, summary, ...}
+            record = json.loads(run.read_text())
+        elif (run / "summary.json").is_file():
+            record = {k: json.loads((run / f"{k}.json").read_text()) for k in ("config", "summary")}
+        else:
+            fail(f"{run} is neither a finished apex_min.py run folder (summary.json) nor a run record (.json)")
+        cfg, summary = apex_min.Config(**record["config"]), record["summary"]
         img_s = summary["img_per_s_last_window"]
         tflops = step_flops(cfg) * img_s / 1e12
         rows.append({"run": str(run), "objective": cfg.objective, "tune": cfg.tune, "img_per_s": img_s,
                      "step_gflops_per_image": round(step_flops(cfg) / 1e9, 3), "model_tflops": round(tflops, 1),
                      "mfu": round(tflops * 1e12 / peak, 4) if peak else None})
-        print(f"{run.name:>24}: {cfg.objective:11s} {img_s:8.0f} img/s  {tflops:6.1f} TFLOP/s"
+        print(f"{run.stem:>24}: {cfg.objective:11s} {img_s:8.0f} img/s  {tflops:6.1f} TFLOP/s"
               + (f"  MFU {100 * tflops * 1e12 / peak:5.1f}%" if peak else ""))
     return {"peak_bf16_tflops": round(peak / 1e12, 1) if peak else None, "runs": rows}
 
@@ -333,7 +335,8 @@ def build_parser():
     g.add_argument("--check-fid", action="store_true", help="check our FID code on CIFAR-10 test vs train")
     g.add_argument("--limit", type=positive_int, help="first N images of each split only (smoke tests)")
     g = p.add_argument_group("training speed")
-    g.add_argument("--speed", nargs="*", metavar="RUN_DIR", help="img/s and MFU of finished runs (none: the peak only)")
+    g.add_argument("--speed", nargs="*", metavar="RUN", help="img/s and MFU of finished runs: run folders or "
+                   "results/ records (none: measure the peak only)")
     g.add_argument("--peak-tflops", type=float, help="bf16 peak to measure MFU against (default: measure it here)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="results folder (default: beside the checkpoint; runs/check_fid)")
@@ -431,7 +434,10 @@ def main(argv=None):
                   seconds_wall=round(time.time() - start, 1), argv=argv)
     path = out_dir / name
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    if args.check_fid:
+        for key in ("fid_test_vs_train", "max_abs_diff_mu", "max_abs_diff_sigma", "fid_train_vs_ref", "seconds_total"):
+            if key in result:
+                print(f"{key}: {result[key]:.6g}")
     print(f"wrote {path}")
 
 
