@@ -36,7 +36,6 @@ import math
 import os
 import pickle
 import platform
-import sys
 import time
 from dataclasses import dataclass
 
@@ -95,7 +94,7 @@ class Config:
     init_from: str = ""           # start from this checkpoint's EMA weights (e.g. an --objective fm run)
     tune: str = "full"            # full | lora: train every weight, or low-rank adapters only
     lora_rank: int = 16           # rank of the adapters with --tune lora
-    lora_targets: str = "ema"     # ema | teacher: which network gives guidance/consistency targets under LoRA
+    lora_targets: str = "ema"     # ema | teacher: the network of the guidance/consistency targets under LoRA (ema measured better)
     merge_lora: str = ""          # only export: fold the adapters of this LoRA checkpoint into plain weights
     # --- logging -------------------------------------------------------------------------------
     log_every: int = 25

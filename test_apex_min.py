@@ -23,12 +23,14 @@ Stand-in networks follow the protocol of apex_loss: attribute `num_classes`, `em
 (B, D), `forward(x, t, tt, c)`.
 """
 import copy
+import json
 import math
 import os
 import pickle
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +41,7 @@ import torch.nn as nn
 
 import apex_min
 import cifar_demo
+import toy_2d
 
 # The models here are tiny: one thread avoids OpenMP hand-offs, which on a shared 2-core machine
 # cost more than the arithmetic (about 100x on the APEX step).
@@ -1039,3 +1042,295 @@ def test_step_flops_count_the_network_calls_of_a_step():
     f = cifar_demo.forward_flops(apex_min.Config(**TINY_DIT))
     assert cifar_demo.step_flops(apex_min.Config(**{**TINY_DIT, "objective": "apex"})) == rows / 16 * f
     assert cifar_demo.step_flops(apex_min.Config(**{**TINY_DIT, "objective": "fm"})) == 3 * f
+
+
+# ==================================================================================================
+# 12. toy_2d.py: exact scores, metrics, alignment, the pipeline at test size (seconds)
+# ==================================================================================================
+
+
+def _ensemble_batch(M, per_member=24, seed=0):
+    torch.manual_seed(seed)
+    x, y = toy_2d.make_batch(["ring"] * M, per_member)
+    return x, y
+
+
+# --- 2. model -------------------------------------------------------------------------------------
+
+
+def test_toy_ensemble_member_equals_a_single_network():
+    """Member m of the ensemble computes what a one-member network with m's weights computes."""
+    torch.manual_seed(0)
+    M = 3
+    ens = toy_2d.ToyMLP(2, M, width=16, depth=2)
+    for p in ens.out.parameters():          # leave the zero init so outputs are not all zero
+        torch.nn.init.normal_(p, std=0.1)
+    x, y = _ensemble_batch(M)
+    t = torch.rand(len(x))
+    tt = t * torch.rand(len(x))
+    out = ens(x, t, tt, ens.embed_class(y))
+    for m in range(M):
+        one = toy_2d.ToyMLP(2, 1, width=16, depth=2)
+        one.load_state_dict({k: v[m:m + 1] for k, v in ens.state_dict().items()})
+        rows = slice(m, None, M)
+        ref = one(x[rows], t[rows], tt[rows], one.embed_class(y[rows]))
+        torch.testing.assert_close(out[rows], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["apex", "consistency", "paper"])
+def test_toy_ensemble_members_do_not_interact_through_the_loss(objective):
+    """apex_loss on interleaved rows: member 0's gradient does not depend on member 1's weights
+    (row groups, fake rows and the generator term all keep whole rounds of members)."""
+    M = 2
+    torch.manual_seed(0)
+    net = toy_2d.ToyMLP(2, M, width=16, depth=2)
+    for p in net.out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ema = apex_min.EMA(net, 0.99)
+    cfg = toy_2d.toy_config(objective)
+    x, y = _ensemble_batch(M, per_member=24)
+
+    def member0_grads():
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss, _ = apex_min.apex_loss(net, ema.model, x, y, cfg)
+        loss.backward()
+        return [p.grad[0].clone() for p in net.parameters() if p.grad is not None]
+
+    before = member0_grads()
+    with torch.no_grad():
+        for p in list(net.parameters()) + list(ema.model.parameters()):
+            p[1].add_(torch.randn_like(p[1]))          # change member 1 only (live and EMA)
+    after = member0_grads()
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --- 3. exact densities and scores ----------------------------------------------------------------
+
+
+def _finite_difference_score(log_density, x, h=1e-5):
+    cols = []
+    for d in range(2):
+        e = torch.zeros_like(x)
+        e[:, d] = h
+        cols.append((log_density(x + e) - log_density(x - e)) / (2 * h))
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("name", ["ring", "grid"])
+def test_toy_exact_data_score_matches_finite_difference(name):
+    g = torch.Generator().manual_seed(0)
+    x = (1.5 * torch.randn(64, 2, generator=g)).double()
+    y = torch.randint(2, (64,), generator=g)
+    s = torch.rand(64, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    _, score = toy_2d.data_density(x, y, s, name)
+    fd = _finite_difference_score(lambda p: toy_2d.data_density(p, y, s, name)[0], x)
+    torch.testing.assert_close(score, fd, rtol=1e-5, atol=1e-5)
+
+
+def test_toy_exact_generator_score_matches_finite_difference():
+    g = torch.Generator().manual_seed(1)
+    ref, ref_y = apex_min.sample_toy("grid", 200, generator=g)
+    x = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(2, (64,), generator=g)
+    s = torch.rand(64, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    _, score = toy_2d.generator_density(x, y, s, ref, ref_y)
+    fd = _finite_difference_score(lambda p: toy_2d.generator_density(p, y, s, ref, ref_y)[0], x)
+    torch.testing.assert_close(score, fd, rtol=1e-5, atol=1e-5)
+
+
+def test_toy_exact_data_density_integrates_to_one():
+    """An independent check of the normalisation: a Riemann sum over a fine grid."""
+    v = torch.linspace(-2.5, 2.5, 501, dtype=torch.float64)
+    gy, gx = torch.meshgrid(v, v, indexing="ij")
+    pts = torch.stack([gx.flatten(), gy.flatten()], 1)
+    for s in (0.0, 0.3):
+        logp, _ = toy_2d.data_density(pts, torch.zeros(len(pts), dtype=torch.long),
+                                      torch.full((len(pts),), s, dtype=torch.float64), "ring")
+        assert abs(logp.exp().sum().item() * (v[1] - v[0]).item() ** 2 - 1) < 1e-3
+
+
+# --- 4. metrics -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ring", "grid"])
+def test_toy_metrics_rank_a_perfect_sample_above_a_blurred_one(name):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2000) % 2
+    perfect, _ = apex_min.sample_toy(name, 2000, generator=g, y=y)
+    blurred = perfect + 0.15 * torch.randn(perfect.shape, generator=g)   # what 1-step regression does
+    collapsed = torch.zeros_like(perfect)                                 # every sample at the mean
+    good, bad, worst = (toy_2d.quality(p, y, name) for p in (perfect, blurred, collapsed))
+    assert good["sw1"] < 0.03 < bad["sw1"] < worst["sw1"]
+    assert good["within_3sigma"] > 0.97 > 0.5 > bad["within_3sigma"]
+    assert good["coverage"] == 1.0 and worst["coverage"] == 0.0
+
+
+# --- 5. GAN alignment -----------------------------------------------------------------------------
+
+
+class ExactField(torch.nn.Module):
+    """A stand-in network whose real branch is the exact data velocity and whose fake branch is
+    the exact velocity of a fixed empirical 'generator' (Eq. 5). embed_class gives c = 0, so
+    c_fake = -0.5 * 0 + 1 = 1 tells the branches apart."""
+
+    num_classes, members = 2, 1
+
+    def __init__(self, name, ref, ref_y, sign=1.0):
+        super().__init__()
+        self.name, self.ref, self.ref_y, self.sign = name, ref, ref_y, sign
+
+    def embed_class(self, y):
+        return torch.zeros(len(y), 1)
+
+    def forward(self, x, t, tt, c):
+        fake = c[:, 0] > 0.5
+        y = self.y_of_rows.repeat(2)[: len(x)]
+        _, s_real = toy_2d.data_density(x, y, t, self.name)
+        _, s_fake = toy_2d.generator_density(x, y, t, self.ref, self.ref_y)
+        v_real = toy_2d.velocity_from_score(s_real, x, t)
+        v_fake = toy_2d.velocity_from_score(s_fake, x, t)
+        v = torch.where(fake[:, None], v_real + self.sign * (v_fake - v_real), v_real)
+        return v.float()
+
+
+def test_toy_alignment_is_one_for_the_exact_field_and_minus_one_for_its_flip():
+    g = torch.Generator().manual_seed(0)
+    ref, ref_y = apex_min.sample_toy("ring", 512, generator=g)
+    ref = ref * 1.3                                     # a generator that is not the data
+    x0, y = apex_min.sample_toy("ring", 256, generator=g)
+    s = (0.05 + 0.9 * torch.rand(256, generator=g))
+    x_s = apex_min.interpolate(1.3 * x0, torch.randn(256, 2, generator=g), s)
+    cfg = toy_2d.toy_config("apex")
+    for sign, expected in ((1.0, 1.0), (-1.0, -1.0)):
+        net = ExactField("ring", ref, ref_y, sign)
+        net.y_of_rows = y
+        v_fake, v_real = toy_2d.branch_velocities(net, x_s, s, y, cfg)
+        d_net = toy_2d.network_direction(v_fake, v_real, s)
+        d_exact = (toy_2d.generator_density(x_s, y, s, ref, ref_y)[1]
+                   - toy_2d.data_density(x_s, y, s, "ring")[1])
+        cos = toy_2d.cosine(d_net, d_exact)
+        # float32 round trip through the "network": agreement to ~1e-4, not to machine precision
+        assert (cos - expected).abs().max().item() < 1e-3
+
+
+# --- 6-9. pipeline and command line ---------------------------------------------------------------
+
+
+def test_toy_pipeline_end_to_end_at_test_size(tmp_path, capsys):
+    result = toy_2d.main(["--fast", "--out", str(tmp_path)])
+    png, js = tmp_path / "assets" / "toy_2d.png", tmp_path / "results" / "toy_2d.json"
+    assert png.exists() and os.path.getsize(png) < 300 * 1024
+    saved = json.loads(js.read_text())
+    assert saved["rows"] == ["target", "fm@10", "fm@1", "consistency@1", "apex@1", "paper@1", "paper@10"]
+    for row in saved["rows"]:
+        for name in ("ring", "grid"):
+            assert all(math.isfinite(v) for v in saved["summary"][row][name]["sw1"])
+    first = saved["alignment"]["apex"]["final_members"][0]
+    # D* and 1 - D* are two weights of one sample: 10^a + 10^b = 1 at every quantile's median
+    assert abs(10 ** first["log10_d"]["quantiles_1_10_50_90_99"][2]
+               + 10 ** first["log10_1md"]["quantiles_1_10_50_90_99"][2] - 1) < 0.2
+    assert "target" in capsys.readouterr().out and "_figure" in result
+
+
+def test_toy_lora_starts_at_the_base_and_trains_only_adapters():
+    torch.manual_seed(0)
+    net = toy_2d.ToyMLP(2, members=2, width=16, depth=2)
+    with torch.no_grad():
+        for p in net.parameters():          # leave the zero init: make every path non-trivial
+            p.add_(0.1 * torch.randn_like(p))
+    x, y = _ensemble_batch(2, per_member=12)
+    t = torch.rand(len(x))
+    before = net(x, t, t / 2, net.embed_class(y))
+    lora = toy_2d.add_lora_toy(copy.deepcopy(net), rank=3)
+    assert torch.equal(lora(x, t, t / 2, lora.embed_class(y)), before)       # B = 0: exactly the base
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("tt_embed") for n in trainable)
+    lora(x, t, t / 2, lora.embed_class(y)).sum().backward()
+    assert all(p.grad is None for n, p in lora.named_parameters() if n not in trainable)
+
+
+def test_toy_tuning_pipeline_at_test_size(tmp_path, capsys):
+    result = toy_2d.main(["--tuning", "--fast", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results" / "toy_2d_tuning.json").read_text())
+    assert [tuple(r["row"]) for r in saved["rows"]] == list(toy_2d.TUNING_ROWS) == [tuple(r["row"]) for r in result["rows"]]
+    full, lora4 = saved["rows"][0], saved["rows"][1]
+    assert lora4["trainable_per_member"] < full["trainable_per_member"] == full["params_per_member"]
+    assert all(math.isfinite(r["summary"]["ring"]["sw1"][0]) for r in saved["rows"])
+    assert "lora" in capsys.readouterr().out
+
+
+def test_toy_d_star_and_one_minus_d_star_sum_to_one():
+    log_ratio = torch.linspace(-50, 50, 101, dtype=torch.float64)     # log p_data - log p_theta
+    d = 10 ** (-torch.nn.functional.softplus(-log_ratio) / math.log(10))
+    one_minus = 10 ** (-torch.nn.functional.softplus(log_ratio) / math.log(10))
+    torch.testing.assert_close(d + one_minus, torch.ones_like(d))
+
+
+@pytest.mark.parametrize("argv", [["--batch", "20"], ["--targets", "moons"], ["--seeds", "0"],
+                                  ["--no-such-flag"], ["--steps", "x"]])
+def test_toy_bad_flags_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        toy_2d.parse_settings(argv)
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ==================================================================================================
+# 13. notebooks/: each runs top to bottom in a fresh kernel (as Jupyter opens it: cwd notebooks/)
+# ==================================================================================================
+# The notebooks are committed with their outputs; `python test_apex_min.py --write-notebooks`
+# re-executes them and saves the outputs (what the README's notebook links show).
+
+NOTEBOOK_DIR = os.path.join(HERE, "notebooks")
+NOTEBOOKS = ["01_apex_step_by_step.ipynb", "02_gan_alignment.ipynb", "03_cifar_one_step.ipynb"]
+CELL_TIMEOUT_S = 300     # one cell; the whole notebook is meant to take under 3 minutes on 2 cores
+MAX_BYTES = 1_000_000    # each committed notebook, outputs included
+
+
+def execute_notebook(name: str, write: bool = False) -> float:
+    """Run notebooks/<name> in a fresh kernel; returns the wall seconds. Raises on a failing cell."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = os.path.join(NOTEBOOK_DIR, name)
+    nb = nbformat.read(path, as_version=4)
+    # a headless, non-interactive matplotlib backend that still returns PNGs inline
+    env_backup = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                resources={"metadata": {"path": NOTEBOOK_DIR}})
+        start = time.time()
+        client.execute()
+        seconds = time.time() - start
+    finally:
+        if env_backup is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = env_backup
+    if write:
+        for cell in nb.cells:   # execution timestamps would change every cell on every re-run
+            cell.metadata.pop("execution", None)
+        nbformat.write(nb, path)
+    return seconds
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_top_to_bottom(name):
+    pytest.importorskip("nbclient")
+    pytest.importorskip("nbformat")
+    pytest.importorskip("ipykernel")
+    path = os.path.join(NOTEBOOK_DIR, name)
+    assert os.path.getsize(path) < MAX_BYTES, f"{name} is {os.path.getsize(path)} bytes; keep it under 1 MB"
+    execute_notebook(name)
+
+
+if __name__ == "__main__":
+    write = "--write-notebooks" in sys.argv
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or NOTEBOOKS
+    for name in names:
+        seconds = execute_notebook(name, write=write)
+        size = os.path.getsize(os.path.join(NOTEBOOK_DIR, name))
+        print(f"{name}: {seconds:.1f} s{' (outputs written)' if write else ''}, {size / 1024:.0f} KB")
