@@ -746,6 +746,16 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def cosine_axes(ax, xlabel: str, title: str, legend_loc: str) -> None:
+    """A cosine panel: [-1, 1], the 0.9 target as a dashed line, small labels."""
+    ax.axhline(0.9, color="gray", lw=0.6, ls="--")
+    ax.set_ylim(-1, 1)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_title(title, fontsize=7)
+    ax.legend(fontsize=5.5, loc=legend_loc)
+    ax.tick_params(labelsize=6)
+
+
 def figure(result: dict, path: str) -> None:
     """Samples of every variant beside the target; alignment over training; cosine by s; the GAN
     weights at APEX's samples against APEX's constant weight."""
@@ -789,12 +799,7 @@ def figure(result: dict, path: str) -> None:
         a = result["alignment"]["apex"]
         ax.plot(a["steps"], [v[0] for v in a["median_cos_low_s"][name]], "--", color=colors.get(name),
                 label=f"apex {name}, s < {result['settings']['low_s']}", lw=1)
-    ax.axhline(0.9, color="gray", lw=0.6, ls="--")
-    ax.set_ylim(-1, 1)
-    ax.set_xlabel("fine-tuning step", fontsize=7)
-    ax.set_title("median cos(network, exact s_fake - s_real)", fontsize=7)
-    ax.legend(fontsize=5.5, loc="lower right")
-    ax.tick_params(labelsize=6)
+    cosine_axes(ax, "fine-tuning step", "median cos(network, exact s_fake - s_real)", "lower right")
 
     ax = fig.add_subplot(bottom[1])
     edges = torch.linspace(0.02, 0.98, 9)
@@ -805,12 +810,7 @@ def figure(result: dict, path: str) -> None:
             med = [cos[(s >= lo) & (s < hi)].median().item() for lo, hi in zip(edges[:-1], edges[1:])]
             ax.plot((edges[:-1] + edges[1:]) / 2, med, style, ms=2.5, color=colors.get(name),
                     label=f"{variant} {name}", lw=1)
-    ax.axhline(0.9, color="gray", lw=0.6, ls="--")
-    ax.set_ylim(-1, 1)
-    ax.set_xlabel("noise level s", fontsize=7)
-    ax.set_title("median cosine by s, last checkpoint", fontsize=7)
-    ax.legend(fontsize=5.5, loc="lower left")
-    ax.tick_params(labelsize=6)
+    cosine_axes(ax, "noise level s", "median cosine by s, last checkpoint", "lower left")
 
     for k, (key, label) in enumerate((("log10_1md", "1 - D*  (non-saturating GAN)"),
                                       ("log10_d", "D*  (minimax GAN)"))):
