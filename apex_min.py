@@ -88,13 +88,13 @@ class Config:
     ema_decay: float = 0.99       # target decay of the warm-up EMA (step 8)
     warmup_steps: int = 0         # linear learning-rate warm-up
     max_steps: int = 300          # stop after this many steps (0 = no limit)
-    minutes: float = 0.0          # training minutes of this invocation, from the end of its first (compiling) step; 0 = none
+    minutes: float = 0.0          # training minutes, counted from the end of the first (compiling) step; 0 = none
     compile: bool = False         # torch.compile the network (CUDA)
     # --- plug-in tuning from a flow checkpoint (Sec. 4 of the paper: APEX tunes a flow model) ----
     init_from: str = ""           # start from this checkpoint's EMA weights (e.g. an --objective fm run)
     tune: str = "full"            # full | lora: train every weight, or low-rank adapters only
     lora_rank: int = 16           # rank of the adapters with --tune lora
-    lora_targets: str = "ema"     # ema | teacher: the network of the guidance/consistency targets under LoRA (ema measured better)
+    lora_targets: str = "ema"     # ema | teacher: the network of the targets under LoRA (ema measured better)
     merge_lora: str = ""          # only export: fold the adapters of this LoRA checkpoint into plain weights
     # --- logging -------------------------------------------------------------------------------
     log_every: int = 25
