@@ -3,6 +3,7 @@
     python cifar_demo.py --ckpt runs/cifar/ckpt.pt               # FID-10k at 1, 2, 4 NFE and Euler 50
     python cifar_demo.py --check-fid                             # our FID code vs the reference (3.15)
     python cifar_demo.py --check-fid --limit 500 --device cpu    # smoke test of the pipeline on a laptop
+    python cifar_demo.py --speed runs/cifar                      # img/s, step FLOPs and MFU of a run
 
 How FID is computed here (every FID in the README comes from this file):
 - network: Inception-v3 pool3 (2048 features) with the standard TF-Inception FID weights
@@ -177,8 +178,8 @@ def generate(net, n_per_class, nfe=None, euler_steps=None, batch_size=1000, seed
 
     The noise of class c comes from its own CPU generator, so the first k samples of a class are
     the same for any n_per_class and every sampler: the grids show the z of the FID run.
-    Weights and the sampler state are float32; matmuls may use TF32 (fp32 accumulation), which
-    makes 50-step Euler about twice as fast on a GPU and moves FID by far less than its seed spread.
+    Weights and the sampler state are float32; matmuls may use TF32 (fp32 accumulation) to make
+    50-step Euler cheaper on a GPU (Inception itself always runs with TF32 off).
     """
     assert (nfe is None) != (euler_steps is None), "give exactly one of nfe and euler_steps"
     y = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)                       # (N,)

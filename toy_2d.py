@@ -527,6 +527,21 @@ def pretrain(settings: ToySettings) -> bytes:
     return buffer.getvalue()
 
 
+def evaluation_noise(settings: ToySettings, members: int):
+    """The fixed evaluation draws: (z (n*M, 2), balanced interleaved labels (n*M,), the generator
+    that the few-step sampler goes on drawing from)."""
+    eval_rng = torch.Generator().manual_seed(settings.seed + 3)
+    y = (torch.arange(settings.n_eval) % 2).repeat_interleave(members)
+    return torch.randn(settings.n_eval * members, 2, generator=eval_rng), y, eval_rng
+
+
+def member_quality(x, y, names: list) -> list:
+    """quality() of every member's rows of an interleaved sample (n*M, 2)."""
+    M = len(names)
+    x, y = x.view(-1, M, 2), y.view(-1, M)
+    return [quality(x[:, m], y[:, m], name) for m, name in enumerate(names)]
+
+
 def finetune(variant: str, pretrained: bytes, settings: ToySettings) -> dict:
     """Fine-tune the pretrained ensemble with one objective; measure alignment along the way (for
     the variants with a fake branch) and sample quality at the end. Runs in a worker process."""
@@ -571,17 +586,14 @@ def finetune(variant: str, pretrained: bytes, settings: ToySettings) -> dict:
 
     # sample quality of the EMA weights (apex_min's samplers are meant for them), fixed noise
     t0 = time.process_time()
-    eval_rng = torch.Generator().manual_seed(settings.seed + 3)
-    n = settings.n_eval
-    y = (torch.arange(n) % 2).repeat_interleave(M)
-    z = torch.randn(n * M, 2, generator=eval_rng)
+    z, y, eval_rng = evaluation_noise(settings, M)
     outputs = {f"{variant}@1": am.sample_fewstep(ema.model, z, y, nfe=1, generator=eval_rng)}
     if variant in ("fm", "paper"):   # fm: the multi-step reference; paper: is its flow still one?
         outputs[f"{variant}@{settings.euler_steps}"] = am.sample_euler(ema.model, z, y, settings.euler_steps)
     rows, figure = {}, {}
     for row, x in outputs.items():
-        x, yy = x.view(n, M, 2), y.view(n, M)
-        rows[row] = [quality(x[:, m], yy[:, m], name) for m, name in enumerate(names)]
+        rows[row] = member_quality(x, y, names)
+        x = x.view(-1, M, 2)
         figure[row] = {name: x[:, m].numpy() for m, name in enumerate(names) if m % settings.seeds == 0}
     eval_s = time.process_time() - t0
 
@@ -910,14 +922,11 @@ def tune(row: tuple, pretrained: bytes, settings: ToySettings) -> dict:
                 lambda k: settings.lr * 0.5 * (1 + math.cos(math.pi * k / settings.steps)),
                 targets=teacher if targets == "teacher" else None)
     seconds = time.process_time() - start
-    eval_rng = torch.Generator().manual_seed(settings.seed + 3)
-    n = settings.n_eval
-    y = (torch.arange(n) % 2).repeat_interleave(M)
-    x = am.sample_fewstep(ema.model, torch.randn(n * M, 2, generator=eval_rng), y, nfe=1, generator=eval_rng)
-    x, yy = x.view(n, M, 2), y.view(n, M)
+    z, y, eval_rng = evaluation_noise(settings, M)
+    x = am.sample_fewstep(ema.model, z, y, nfe=1, generator=eval_rng)
     return {"row": row, "trainable_per_member": sum(p.numel() for p in trainable) // M,
             "params_per_member": sum(p.numel() for p in net.parameters()) // M,
-            "quality": [quality(x[:, m], yy[:, m], name) for m, name in enumerate(names)],
+            "quality": member_quality(x, y, names),
             "train_cpu_seconds": round(seconds, 1)}
 
 
