@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's CIFAR-10 tables (one H200 of the device tool, one phase per
 # call of at most 10 minutes; checkpoints stay in runs/ between calls):
-#   bash results/run_gpu.sh PHASE      PHASE = data | teacher | tune | apex | lora RANK | consistency
+#   bash results/run_gpu.sh PHASE      PHASE = data | teacher | tune | tune_cons | tune_gen0 | apex |
+#                                              lora RANK | consistency
 # STAGE (default /root/stage) holds the CIFAR-10 pickles or shards, default_1.pt and the reference
 # statistics; each run leaves three files in $OUT: NAME.json (config, env, summary, FID), NAME.log,
 # NAME.grid_compare.png. TINY=1 runs the same commands at toy size on a CPU (a smoke test).
@@ -62,6 +63,12 @@ case "${1:-}" in
   tune)         # then APEX on all of its weights for the other half
     train tune_full --init-from runs/teacher/ckpt.pt --minutes $MIN_TUNE
     score tune_full --nfe 1 2 --euler-steps 0 ;;
+  tune_cons)    # the tuning ablation: the same tuning without fake rows and generator term
+    train tune_cons --init-from runs/teacher/ckpt.pt --objective consistency --minutes $MIN_TUNE
+    score tune_cons --nfe 1 2 --euler-steps 0 ;;
+  tune_gen0)    # the tuning with fake rows but the generator term off: what that term adds
+    train tune_gen0 --init-from runs/teacher/ckpt.pt --gen-weight 0 --minutes $MIN_TUNE
+    score tune_gen0 --nfe 1 2 --euler-steps 0 ;;
   apex)         # issue 4's headline: the default objective from scratch, the whole budget
     train apex --minutes $MIN_APEX
     score apex --nfe 1 2 --euler-steps 0 ;;
@@ -71,5 +78,5 @@ case "${1:-}" in
   consistency)  # the ablation beside the headline: no fake rows, no generator term
     train consistency --objective consistency --minutes $MIN_APEX
     score consistency --nfe 1 2 --euler-steps 0 ;;
-  *) echo "usage: bash results/run_gpu.sh data|teacher|tune|apex|lora RANK|consistency" >&2; exit 2 ;;
+  *) echo "usage: bash results/run_gpu.sh data|teacher|tune|tune_cons|tune_gen0|apex|lora RANK|consistency" >&2; exit 2 ;;
 esac
