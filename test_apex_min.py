@@ -1269,7 +1269,8 @@ def test_toy_d_star_and_one_minus_d_star_sum_to_one():
 
 
 @pytest.mark.parametrize("argv", [["--batch", "20"], ["--targets", "moons"], ["--seeds", "0"],
-                                  ["--no-such-flag"], ["--steps", "x"], ["--gen-weight", "-1"]])
+                                  ["--no-such-flag"], ["--steps", "x"], ["--gen-weight", "-1"],
+                                  ["--cons-delta", "0"]])
 def test_toy_bad_flags_exit_2_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
         toy_2d.parse_settings(argv)
@@ -1277,12 +1278,13 @@ def test_toy_bad_flags_exit_2_with_one_line(argv, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_toy_gen_weight_flag_reaches_the_objective():
-    """--gen-weight is the generator term's weight in every APEX config the toy builds (0 = off)."""
-    settings = toy_2d.parse_settings(["--fast", "--gen-weight", "0"])
-    assert settings.gen_weight == 0.0 and toy_2d.ToySettings().gen_weight == 0.5
+def test_toy_objective_flags_reach_the_objective():
+    """--gen-weight and --cons-delta are the config of the variants the toy fine-tunes."""
+    settings = toy_2d.parse_settings(["--fast", "--gen-weight", "0", "--cons-delta", "0.1"])
+    assert (settings.gen_weight, settings.cons_delta) == (0.0, 0.1)
+    assert (toy_2d.ToySettings().gen_weight, toy_2d.ToySettings().cons_delta) == (0.5, 0.01)
     used = toy_2d.finetune("apex", toy_2d.pretrain(settings), settings)["config"]
-    assert used["gen_weight"] == 0.0 and used["objective"] == "apex"
+    assert (used["gen_weight"], used["cons_delta"], used["objective"]) == (0.0, 0.1, "apex")
 
 
 # ==================================================================================================

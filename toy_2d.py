@@ -90,6 +90,7 @@ class ToySettings:
     ema_decay: float = 0.99       # apex_min.EMA target decay, as the released code
     grad_clip: float = 1.0        # per member, as the released code's global clip
     gen_weight: float = 0.5       # weight of APEX's generator term (apex_min's); 0 = off (Sec. 5)
+    cons_delta: float = 0.01      # d of the consistency target (apex_min's); Sec. 5 says what it does
     # --- measurement (Sec. 4-5) -------------------------------------------------------------------
     n_eval: int = 4000            # samples per member for the quality metrics
     euler_steps: int = 100        # NFE of the flow-matching reference
@@ -111,7 +112,7 @@ FAST = dict(seeds=1, width=32, depth=2, pretrain_steps=30, steps=30, batch=24, n
 VARIANTS = ("fm", "consistency", "apex", "paper")   # objectives trained; fm is sampled twice
 
 
-def toy_config(objective: str, gen_weight: float = 0.5) -> am.Config:
+def toy_config(objective: str, gen_weight: float = 0.5, cons_delta: float = 0.01) -> am.Config:
     """apex_min's Config with the toy's departures from the released defaults, each with its reason.
 
     - enr = 0, label_dropout = 0: training-time guidance makes the real branch learn a guided
@@ -131,7 +132,7 @@ def toy_config(objective: str, gen_weight: float = 0.5) -> am.Config:
       is not too weak; its direction is wrong at s > 0.4 (Sec. 5), so more of it does not help.
     """
     return am.Config(objective=objective, num_classes=2, enr=0.0, label_dropout=0.0, robust_c=3.0,
-                     gen_weight=gen_weight)
+                     gen_weight=gen_weight, cons_delta=cons_delta)
 
 
 def member_names(settings: ToySettings) -> list:
@@ -556,7 +557,7 @@ def finetune(variant: str, pretrained: bytes, settings: ToySettings) -> dict:
     ema = am.EMA(net, settings.ema_decay)
     ema.model.load_state_dict(state["ema"])
     ema.decay = state["ema_decay"]
-    cfg = toy_config(variant, settings.gen_weight)
+    cfg = toy_config(variant, settings.gen_weight, settings.cons_delta)
     torch.manual_seed(settings.seed + 1)                   # the same draws start every variant
     measure_rng = torch.Generator().manual_seed(settings.seed + 2)
 
@@ -917,7 +918,7 @@ def tune(row: tuple, pretrained: bytes, settings: ToySettings) -> dict:
     if mode == "full":
         ema.model.load_state_dict(state["ema"])
         ema.decay = state["ema_decay"]
-    cfg = toy_config("apex", settings.gen_weight)
+    cfg = toy_config("apex", settings.gen_weight, settings.cons_delta)
     torch.manual_seed(settings.seed + 1)
     start = time.process_time()
     train_steps(net, ema, opt, names, cfg, settings, settings.steps,
@@ -1003,6 +1004,7 @@ def parse_settings(argv=None) -> ToySettings:
          "--width, --depth, --pretrain-steps and --steps must be >= 1"),
         (min(settings.lr, settings.lr_pretrain, settings.grad_clip) > 0, "learning rates and --grad-clip must be > 0"),
         (settings.gen_weight >= 0, "--gen-weight must be >= 0"),
+        (0 < settings.cons_delta < 1, "--cons-delta must be in (0, 1)"),
         (0 <= settings.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (settings.n_eval >= 10 and settings.n_eval % 2 == 0, "--n-eval must be an even number >= 10"),
         (settings.euler_steps >= 2 and settings.checkpoints >= 1, "--euler-steps >= 2 and --checkpoints >= 1"),
