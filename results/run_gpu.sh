@@ -9,6 +9,9 @@
 # What results/h200/ holds was run at commit 657ed1e: data, teacher, tune, lora 8, lora 64 (the
 # data phase then ended on a broken pipe after the peak, fixed since; env.json's "git" field shows
 # the checkout's older HEAD, not 657ed1e). apex and consistency did not fit the 30-minute budget.
+# results/h200_ablation/ was run at commit 51f0989 (env.json again names an older HEAD, f035b57,
+# whose apex_min.py and cifar_demo.py are the same): data, teacher, tune, tune_cons, tune_gen0,
+# and two seed-1 runs by direct command (their records say which).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${STAGE:-/root/stage}
