@@ -946,11 +946,12 @@ def train(cfg: Config) -> dict:
 # ==================================================================================================
 
 
-def field_help() -> dict:
-    """The comment beside each Config field, reused as its --help text (one source of truth)."""
+def field_help(settings_class=Config) -> dict:
+    """The comment beside each field of a settings dataclass (Config, or toy_2d's ToySettings),
+    reused as its --help text (one source of truth)."""
     import inspect
     import re
-    src = inspect.getsource(Config)
+    src = inspect.getsource(settings_class)
     return {m[1]: m[2] for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", src, re.M)}
 
 

@@ -307,11 +307,6 @@ def speed_report(run_dirs, device, peak_tflops=None):
 #  6. Command line
 # ----------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        fail(message)
-
-
 def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -319,7 +314,8 @@ def positive_int(text):
 
 
 def build_parser():
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = apex_min.OneLineParser(prog="cifar_demo.py", description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("sampling a checkpoint")
     g.add_argument("--ckpt", help="checkpoint written by apex_min.py")
     g.add_argument("--nfe", type=positive_int, nargs="+", default=[1, 2, 4], help="few-step sampler NFEs")

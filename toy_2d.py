@@ -656,6 +656,16 @@ def mean_std(values: list) -> tuple:
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
 
+def run_jobs(fn, jobs: list, workers: int) -> list:
+    """[fn(*job) for job in jobs], on `workers` processes when more than one. Spawn: a fresh
+    interpreter per worker (fork after torch has run threads can hang)."""
+    if workers <= 1:
+        return [fn(*job) for job in jobs]
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        return pool.starmap(fn, jobs)
+
+
 def run(settings: ToySettings) -> dict:
     """The whole experiment; returns every number (and figure arrays under the "_figure" keys)."""
     names = member_names(settings)
@@ -664,13 +674,7 @@ def run(settings: ToySettings) -> dict:
     t_pre = time.time() - t_start
     # longest first, so that two workers finish together; the measured variants cost the most
     jobs = [(v, pretrained, settings) for v in ("paper", "apex", "consistency", "fm")]
-    if settings.workers > 1:
-        import multiprocessing
-        # spawn: a fresh interpreter per worker (fork after torch has run threads can hang)
-        with multiprocessing.get_context("spawn").Pool(min(settings.workers, len(jobs))) as pool:
-            results = pool.starmap(finetune, jobs)
-    else:
-        results = [finetune(*job) for job in jobs]
+    results = run_jobs(finetune, jobs, settings.workers)
     by_variant = {r["variant"]: r for r in results}
 
     # the target row: exact samples of the target, scored like the others (the metrics' floor)
@@ -971,12 +975,7 @@ def run_tuning(settings: ToySettings) -> dict:
     start = time.time()
     pretrained = pretrain(settings)
     jobs = [(row, pretrained, settings) for row in TUNING_ROWS]
-    if settings.workers > 1:
-        import multiprocessing
-        with multiprocessing.get_context("spawn").Pool(min(settings.workers, len(jobs))) as pool:
-            results = pool.starmap(tune, jobs)
-    else:
-        results = [tune(*job) for job in jobs]
+    results = run_jobs(tune, jobs, settings.workers)
     rows = []
     for r in results:
         summary = {name: {metric: mean_std([r["quality"][m][metric] for m in range(len(names)) if names[m] == name])
@@ -1008,7 +1007,7 @@ def parse_settings(argv=None) -> ToySettings:
     """Precedence: defaults < --fast < explicit flags. A bad flag exits 2 with one line."""
     p = am.OneLineParser(prog="toy_2d.py", description="APEX on 2-D Gaussian mixtures: sample "
                          "quality and exact GAN alignment, on a CPU.")
-    helps = field_help()
+    helps = am.field_help(ToySettings)
     groups = {"targets": "what to run", "width": "model", "pretrain_steps": "training",
               "n_eval": "measurement", "workers": "run"}
     current = p
@@ -1049,14 +1048,6 @@ def parse_settings(argv=None) -> ToySettings:
         if not ok:
             p.error(message)
     return settings
-
-
-def field_help() -> dict:
-    """The comment beside each ToySettings field, reused as its --help text."""
-    import inspect
-    import re
-    src = inspect.getsource(ToySettings)
-    return {m[1]: m[2] for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", src, re.M)}
 
 
 def main(argv=None) -> dict:
