@@ -33,10 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as functional
 from einops import rearrange
 
-# ==================================================================================================
 # 1. Config
-# ==================================================================================================
-
 
 @dataclasses.dataclass
 class Config:  # one field per flag; the comments are the --help texts (field_help)
@@ -83,12 +80,9 @@ class Config:  # one field per flag; the comments are the --help texts (field_he
     init_from: str = ""           # start from this checkpoint's EMA weights (an --objective fm run)
     tune: str = "full"            # full | lora: train every weight, or low-rank adapters only
     lora_rank: int = 16           # rank of the adapters with --tune lora
-    lora_targets: str = "ema"     # ema | teacher: the network of the targets under LoRA
     merge_lora: str = ""          # only export: fold this LoRA checkpoint's adapters into weights
     log_every: int = 25           # progress bar and log.jsonl every k steps
-    sample_every: int = 0         # sample grids every k steps (0 = at the end only)
     ckpt_every: int = 100         # checkpoint every k steps (and at the end)
-
 
 PRESETS = {
     # a few seconds per hundred steps on a laptop CPU; used by the tests and notebook 03
@@ -97,50 +91,41 @@ PRESETS = {
     # a few minutes on one H100 or H200: 330 s of training by default
     "cifar": dict(dataset="cifar", image_size=32, patch_size=2, dim=384, depth=8, heads=6,
                   batch_size=512, lr=3e-4, warmup_steps=200, max_steps=0, minutes=5.5,
-                  compile=True, log_every=50, sample_every=2000, ckpt_every=1000,
-                  out_dir="runs/cifar"),
+                  compile=True, log_every=50, ckpt_every=1000, out_dir="runs/cifar"),
 }
 OBJECTIVES = ("apex", "consistency", "fm", "paper")
 
-
-def validate(cfg: Config) -> None:  # ValueError: one readable sentence
-    c = cfg
+def validate(c: Config) -> None:  # ValueError: one readable sentence
     checks = [
         (c.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}"),
-        (c.dataset in ("cifar", "shapes"), "--dataset must be cifar or shapes"),
         (c.objective in OBJECTIVES, f"--objective must be one of {list(OBJECTIVES)}"),
-        (c.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+        (c.device in ("auto", "cpu", "cuda") and c.dataset in ("cifar", "shapes"),
+         "--device must be auto, cpu or cuda, --dataset cifar or shapes"),
         (c.tune in ("full", "lora") and c.lora_rank >= 1, "--tune full|lora, --lora-rank >= 1"),
-        (c.lora_targets in ("ema", "teacher"), "--lora-targets must be ema or teacher"),
         (c.tune == "full" or c.init_from, "--tune lora needs --init-from CKPT (a base model)"),
         (c.image_size % c.patch_size == 0, "--image-size must be a multiple of --patch-size"),
         (c.dim % c.heads == 0, "--dim must be a multiple of --heads"),
         (min(c.dim, c.depth, c.heads, c.patch_size, c.num_classes) > 0, "sizes must be > 0"),
         (c.batch_size >= 4, "--batch-size must be at least 4 (four row groups)"),
-        (c.lr > 0 and c.grad_clip > 0, "--lr and --grad-clip must be positive"),
+        (c.lr > 0 and c.grad_clip > 0 and c.robust_c > 0, "--lr, --grad-clip, --robust-c: > 0"),
         (0 <= c.ema_decay < 1 and 0 <= c.label_dropout < 1, "--ema-decay/--label-dropout: [0, 1)"),
         (0 < c.cons_delta < 1 and c.cons_order >= 1, "--cons-delta in (0,1), --cons-order >= 1"),
-        (c.robust_c > 0, "--robust-c must be positive"),
         (c.gen_norm in ("clamp", "dmd") and 0 <= c.gen_s_min < c.gen_s_max <= 1,
          "--gen-norm clamp|dmd, 0 <= --gen-s-min < --gen-s-max <= 1"),
-        ((c.polish_from == 0 and c.lr_schedule == "constant") or c.max_steps > 0,
-         "--polish-from and --lr-schedule cosine need --max-steps"),
         (0 <= c.polish_from < 1 and c.lr_schedule in ("constant", "cosine"),
          "--polish-from in [0, 1), --lr-schedule constant|cosine"),
+        ((c.polish_from == 0 and c.lr_schedule == "constant") or c.max_steps > 0,
+         "--polish-from and --lr-schedule cosine need --max-steps"),
         ((c.shift_a, c.shift_b) != (1.0, 0.0), "--shift-a 1 --shift-b 0: c_fake = c, no fake branch"),
         (c.max_steps >= 0 and c.minutes >= 0, "--max-steps and --minutes must be >= 0"),
         (c.max_steps > 0 or c.minutes > 0, "set a budget: --max-steps or --minutes"),
-        (min(c.log_every, c.ckpt_every) > 0 and c.sample_every >= 0, "--log/ckpt-every > 0"),
+        (min(c.log_every, c.ckpt_every) > 0, "--log-every and --ckpt-every must be > 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
 
-
-# ==================================================================================================
 # 2. Model: a class-conditional DiT with an any-step time embedding
-# ==================================================================================================
-
 
 class TimeEmbedding(nn.Module):  # DiT's TimestepEmbedder
     def __init__(self, dim: int, freq_dim: int = 256, zero_init: bool = False):
@@ -159,10 +144,8 @@ class TimeEmbedding(nn.Module):  # DiT's TimestepEmbedder
         args = 1000.0 * t.float()[:, None] * freqs[None]              # t scaled as DiT's [0, 1000]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
-
 def modulate(x, shift, scale):  # adaLN: (B, T, D) with (B, D) shift and scale
     return x * (1 + scale[:, None]) + shift[:, None]
-
 
 class DiTBlock(nn.Module):  # adaLN-Zero (Peebles & Xie 2023)
     def __init__(self, dim: int, heads: int):
@@ -185,14 +168,12 @@ class DiTBlock(nn.Module):  # adaLN-Zero (Peebles & Xie 2023)
         x = x + gate1[:, None] * self.proj(rearrange(h, "b h t d -> b t (h d)"))
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
-
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:  # (grid*grid, dim), fixed
     coords = torch.arange(grid, dtype=torch.float64)
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     out = [f(c.flatten()[:, None] * omega[None]) for c in (yy, xx) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1).float()
-
 
 class DiT(nn.Module):
     """F(x_t, t, tt, c): velocity (tt = t) or average velocity from t to tt (tt < t).
@@ -232,42 +213,28 @@ class DiT(nn.Module):
         h = self.out(modulate(self.norm_out(h), shift, scale))
         return rearrange(h, "b (gh gw) (p1 p2 c) -> b c (gh p1) (gw p2)", gh=self.grid, p1=p, p2=p)
 
-
 def build_model(cfg: Config) -> DiT:
     return DiT(cfg.image_size, cfg.channels, cfg.patch_size, cfg.dim, cfg.depth, cfg.heads,
                cfg.num_classes)
 
-
-# ==================================================================================================
-# 3. Condition shift (the APEX-specific part)
-# ==================================================================================================
-
+# 3. Condition shift, interpolant and per-sample losses
 
 def condition_shift(c, fake, a: float, b: float):
-    """Eq. (9): c_fake = A c + b, A = a I, b = b 1, on the rows where `fake` is True. Trained by
-    flow matching on the generator's samples, this branch learns p_theta's velocity (Sec. 3.2).
+    """Eq. (9): c_fake = A c + b, A = a I, b = b 1, on the rows where `fake` is True (any rank).
+    Trained by flow matching on the generator's samples, this branch learns p_theta's velocity.
     NOTE(deviation): the released code shifts text tokens with a = -1, b = 0; we shift the class
     embedding with Table 7's best cell, a = -0.5, b = 1. The released shift collapses here: the
     embedding has std ~0.02, so -c is almost c and the branches stay coupled."""
     return torch.where(bcast(fake, c), a * c + b, c)
 
-
-# ==================================================================================================
-# 4. Interpolant and per-sample losses
-# ==================================================================================================
-
-
 def bcast(t, x):  # (B,) -> (B, 1, ..., 1): one value per row of x
     return t.reshape(-1, *([1] * (x.dim() - 1)))
-
 
 def interpolate(x, z, t):
     return bcast(t, x) * z + (1 - bcast(t, x)) * x          # Eq. (1); its d/dt is z - x
 
-
 def mse(p, q):  # per-sample mean squared error (B,)
     return (p.float() - q.float()).pow(2).flatten(1).mean(1)
-
 
 def robust_loss(p, q, c: float = 1e-3):
     """Step 6: m * sg((m/c^2 + 1)^-1/2) / c, m = mse; its gradient, that of 2 sqrt(m + c^2), is
@@ -275,13 +242,9 @@ def robust_loss(p, q, c: float = 1e-3):
     m = mse(p, q)
     return m * (m / c**2 + 1).rsqrt().detach() / c
 
-
-# ==================================================================================================
-# 5. The APEX objective: named pieces, then their assembly (apex_loss)
-# ==================================================================================================
-# A network is any callable F(x, t, tt, c) with `embed_class(y)` and `num_classes`: the same
-# pieces train the DiT, the 2-D MLP of toy_2d.py and the test stand-ins.
-
+# 4. The APEX objective: named pieces, then their assembly (apex_loss)
+# A network is any callable F(x, t, tt, c) with `embed_class(y)` and `num_classes` (the DiT,
+# toy_2d's MLP, the tests' stand-ins).
 
 def drop_labels(y, share: float, null_class: int):
     """The null class for a random share of labels (step 4's unconditional branch).
@@ -291,7 +254,6 @@ def drop_labels(y, share: float, null_class: int):
     drop = torch.rand(y.shape, device=y.device) < share
     return torch.where(drop, torch.full_like(y, null_class), y)
 
-
 def row_groups(batch: int, fake_branch: bool = True) -> dict:
     """Step 1: equal, contiguous row groups; static slices keep shapes fixed (no sync, one graph).
     NOTE(deviation): without the fake branch (`consistency`) there are three groups."""
@@ -299,7 +261,6 @@ def row_groups(batch: int, fake_branch: bool = True) -> dict:
     q = batch // len(names)
     cuts = [i * q for i in range(len(names))] + [batch]
     return {name: slice(cuts[i], cuts[i + 1]) for i, name in enumerate(names)}
-
 
 def sample_times(rows: dict, batch: int, device):
     """Step 1: (t, tt). One-step rows: 1 -> 0; flow rows: tt = t (1 - 0.05 u); any-step rows:
@@ -314,7 +275,6 @@ def sample_times(rows: dict, batch: int, device):
     tt[anystep] = t[anystep] * (1 - u[anystep])
     return t, tt
 
-
 @torch.no_grad()
 def onestep_samples(net, z, c):
     """Step 2: the fake rows' data z - F(z, 1, 0, c), without gradient: the fake branch learns
@@ -322,14 +282,12 @@ def onestep_samples(net, z, c):
     ones = torch.ones(z.shape[0], device=z.device)
     return (z - net(z, ones, 0 * ones, c)).detach()
 
-
 @torch.no_grad()
 def guided_target(ema, x_t, t, y, target, enr: float):
     """Step 4: target + enr (v_cond - v_null) of the EMA at tt = t, so sampling needs no CFG."""
     c = torch.cat([ema.embed_class(y), ema.embed_class(torch.full_like(y, ema.num_classes))])
     v_cond, v_null = ema(torch.cat([x_t, x_t]), t.repeat(2), t.repeat(2), c).float().chunk(2)
     return target + enr * (v_cond - v_null)
-
 
 @torch.no_grad()
 def consistency_target(ema, F, x_t, t, tt, y, target, d: float, order: int):
@@ -348,12 +306,10 @@ def consistency_target(ema, F, x_t, t, tt, y, target, d: float, order: int):
     r = torch.where(bcast(t - tt < d, F), F - target, r_jump)
     return F - r.clamp(-1, 1)
 
-
 def tan_weight(t, tt, fake):
     """Step 6: w = 1 + tan((1 - (t - tt)) pi / 2.5), large for short jumps; 1 on fake rows."""
     w = 1 + torch.tan((1 - (t - tt)) * math.pi / 2.5)
     return torch.where(fake, torch.ones_like(w), w)
-
 
 @torch.no_grad()
 def shifted_velocities(net, x_s, s, y, cfg: Config):
@@ -364,7 +320,6 @@ def shifted_velocities(net, x_s, s, y, cfg: Config):
     c2 = condition_shift(torch.cat([c, c]), fake, cfg.shift_a, cfg.shift_b)
     v_fake, v_real = net(torch.cat([x_s, x_s]), s.repeat(2), s.repeat(2), c2).float().chunk(2)
     return v_fake, v_real
-
 
 def generator_term(net, F_one, z, y, cfg: Config, velocities=shifted_velocities):
     """Step 7: x_g = z - F_one noised to a random s; g = sg(clamp(v_fake - v_real, -1, 1)) is, by
@@ -387,7 +342,6 @@ def generator_term(net, F_one, z, y, cfg: Config, velocities=shifted_velocities)
     if cfg.gen_norm == "dmd":   # plain MSE: the step is g itself, not g / rms(g)
         return 0.5 * mse(F_one, F_one.detach().float() - g).mean(), gap
     return robust_loss(F_one, F_one.detach().float() - g, cfg.robust_c).mean(), gap
-
 
 def apex_loss(net, ema, x, y, cfg: Config, velocities=shifted_velocities):
     """The APEX objective: (loss, detached terms). `ema` is the network of the targets (steps 4-5);
@@ -436,13 +390,11 @@ def apex_loss(net, ema, x, y, cfg: Config, velocities=shifted_velocities):
     terms["loss"] = loss.detach()
     return loss, terms
 
-
 def fm_loss(net, x, y):  # conditional flow matching, Eq. (2)
     t = torch.rand(x.shape[0], device=x.device)
     z = torch.randn_like(x)
     loss = mse(net(interpolate(x, z, t), t, t, net.embed_class(y)), z - x).mean()
     return loss, {"loss": loss.detach(), "flow": loss.detach()}
-
 
 def paper_loss(net, x, y, cfg: Config):
     """The paper-literal objective (Eq. 11-12, 17-25), for comparison.
@@ -465,7 +417,6 @@ def paper_loss(net, x, y, cfg: Config):
     loss = loss_fake + loss_mix               # lambda_p = lambda_e = 1
     return loss, {"loss": loss.detach(), "fake": loss_fake.detach(), "mix": loss_mix.detach()}
 
-
 def training_loss(net, ema, x, y, cfg: Config, velocities=shifted_velocities):  # train()'s loss
     y = drop_labels(y, cfg.label_dropout, net.num_classes)
     if cfg.objective == "fm":
@@ -474,22 +425,15 @@ def training_loss(net, ema, x, y, cfg: Config, velocities=shifted_velocities):  
         return paper_loss(net, x, y, cfg)
     return apex_loss(net, ema, x, y, cfg, velocities)
 
-
-# ==================================================================================================
-# 6. Samplers (run them on the EMA weights)
-# ==================================================================================================
-
+# 5. Samplers (run them on the EMA weights)
 
 def few_step_times(nfe: int) -> list:
     """The released grids for 1/2/4 NFE, else t = 1 - linspace(0.001, 0.5, n) and 0.
     NOTE(deviation): the grid for NFE other than 1, 2, 4 is ours."""
     released = {1: [0.999, 0.0], 2: [0.999, 0.6, 0.0], 4: [0.999, 0.833, 0.666, 0.5, 0.0]}
-    if nfe in released:
-        return released[nfe]
     if nfe < 1:
         raise ValueError("nfe must be >= 1")
-    return [1 - (0.001 + (0.5 - 0.001) * i / (nfe - 1)) for i in range(nfe)] + [0.0]
-
+    return released.get(nfe) or [1 - (0.001 + (0.5 - 0.001) * i / (nfe - 1)) for i in range(nfe)] + [0.0]
 
 @torch.no_grad()
 def sample_fewstep(net, z, y, nfe: int = 1, times=None, rho: float = 1.0, generator=None):
@@ -505,7 +449,6 @@ def sample_fewstep(net, z, y, nfe: int = 1, times=None, rho: float = 1.0, genera
         x = (1 - t_next) * x_hat + t_next * (math.sqrt(1 - rho) * z_hat + math.sqrt(rho) * eps)
     return x
 
-
 @torch.no_grad()
 def sample_euler(net, z, y, steps: int = 50):  # diagnostic: a plain flow (tt = t)
     x, c = z, net.embed_class(y)
@@ -515,11 +458,7 @@ def sample_euler(net, z, y, steps: int = 50):  # diagnostic: a plain flow (tt = 
         x = x - (t_cur - t_next) * net(x, t, t, c)
     return x
 
-
-# ==================================================================================================
-# 7. Data
-# ==================================================================================================
-
+# 6. Data
 
 def load_cifar(data_dir: str, train: bool = True):
     """CIFAR-10 (uint8 (N,3,32,32), int64 (N,)) from the `cifar-10-batches-py` pickles; downloads
@@ -542,7 +481,6 @@ def load_cifar(data_dir: str, train: bool = True):
         ys.append(torch.as_tensor(d["labels"], dtype=torch.int64))
     return torch.cat(xs), torch.cat(ys)
 
-
 def make_shapes(n: int = 2048, size: int = 16, num_classes: int = 10, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(num_classes, (n,), generator=g)
@@ -555,7 +493,6 @@ def make_shapes(n: int = 2048, size: int = 16, num_classes: int = 10, seed: int 
         r, s = pos[i].tolist()
         x[i, :, r:r + side, s:s + side] = rgb[y[i]][:, None, None]
     return (x * 255).round().to(torch.uint8), y
-
 
 class ImageData:
     """The training set on the device as uint8, so a batch (flips, [-1, 1]) needs no host work."""
@@ -576,11 +513,7 @@ class ImageData:
         flip = torch.rand(n, device=x.device) < 0.5
         return torch.where(bcast(flip, x), x.flip(3), x), self.y[idx]
 
-
-# ==================================================================================================
-# 8. Utilities: EMA, checkpoints, LoRA, grids, environment
-# ==================================================================================================
-
+# 7. EMA, checkpoints and LoRA
 
 class EMA:
     """EMA of the weights with the released warm-up (step 8), from decay 0 toward `target`."""
@@ -592,9 +525,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module):
         self.decay = self.decay + (1 - self.decay) * (self.target - self.decay) / 2
-        ema_p, live_p = list(self.model.parameters()), list(model.parameters())
-        torch._foreach_lerp_(ema_p, live_p, 1 - self.decay)
-
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - self.decay)
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Atomic: a kill leaves the previous checkpoint whole (and at most a temp file)."""
@@ -604,33 +535,28 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
-
-def load_checkpoint(path: str, device="cpu") -> dict:
+def load_checkpoint(path: str, device="cpu", cfg: Config = None) -> dict:
+    """cfg: check that the checkpoint holds the same architecture."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}")
-
-
-def check_architecture(saved: dict, cfg: Config, path: str) -> None:
     keys = ("image_size", "channels", "patch_size", "dim", "depth", "heads", "num_classes")
-    differ = [f"{k} {saved.get(k)} vs {getattr(cfg, k)}" for k in keys
-              if saved.get(k) != getattr(cfg, k)]
+    differ = [f"{k} {ckpt['config'].get(k)} vs {getattr(cfg, k)}" for k in keys
+              if cfg and ckpt["config"].get(k) != getattr(cfg, k)]
     if differ:
         raise SystemExit(f"error: {path} holds another architecture ({', '.join(differ)})")
-
+    return ckpt
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a low-rank update, W x + B A x (alpha / r); B starts at 0."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float = None):
         super().__init__()
-        self.base = base.requires_grad_(False)
-        self.scale = (alpha or rank) / rank
-        fan_in = base.in_features
-        self.lora_A = nn.Parameter(torch.randn(rank, fan_in) / math.sqrt(fan_in))
+        self.base, self.scale = base.requires_grad_(False), (alpha or rank) / rank
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x):
@@ -642,7 +568,6 @@ class LoRALinear(nn.Module):
         out.weight.data += (self.lora_B @ self.lora_A) * self.scale
         return out.requires_grad_(True)
 
-
 def add_lora(net: DiT, rank: int) -> DiT:
     """Freeze the network; adapters on every attention and MLP projection. emb_tt stays
     trainable: a flow checkpoint never used it (zero), the one-step jump needs it."""
@@ -653,7 +578,6 @@ def add_lora(net: DiT, rank: int) -> DiT:
     net.tt_embed.requires_grad_(True)
     return net
 
-
 def merge_lora(net: nn.Module) -> nn.Module:  # adapters folded into plain layers
     for module in list(net.modules()):
         for name, child in module.named_children():
@@ -661,148 +585,93 @@ def merge_lora(net: nn.Module) -> nn.Module:  # adapters folded into plain layer
                 setattr(module, name, child.merged())
     return net
 
-
-def network_from_state(ckpt: dict, which: str) -> DiT:  # which: model | ema
+def network_from_state(ckpt: dict, which: str = "ema") -> DiT:  # which: model | ema; merged
     cfg = Config(**ckpt["config"])
     net = add_lora(build_model(cfg), cfg.lora_rank) if cfg.tune == "lora" else build_model(cfg)
     net.load_state_dict(ckpt[which])
     return merge_lora(net)
 
-
 def model_from_checkpoint(path: str, device="cpu", which: str = "ema"):  # (net, Config)
     ckpt = load_checkpoint(path, device)
-    net = network_from_state(ckpt, which).to(device).eval().requires_grad_(False)
-    return net, Config(**ckpt["config"])
-
+    return network_from_state(ckpt, which).to(device).eval().requires_grad_(False), Config(**ckpt["config"])
 
 def export_merged(path: str) -> str:
     """Write PATH's LoRA adapters folded into plain weights (model and EMA) to *_merged.pt."""
     ckpt = load_checkpoint(path)
-    tune = ckpt["config"].get("tune")
-    if tune != "lora":
-        raise SystemExit(f"error: {path} is not a LoRA checkpoint (its --tune is {tune})")
-    state = {"config": {**ckpt["config"], "tune": "full"}, "step": ckpt["step"],
-             "merged_from": path}
-    for which in ("model", "ema"):
-        state[which] = network_from_state(ckpt, which).state_dict()
-    out = (path[:-3] if path.endswith(".pt") else path) + "_merged.pt"
+    if ckpt["config"].get("tune") != "lora":
+        raise SystemExit(f"error: {path} is not a LoRA checkpoint (its --tune is "
+                         f"{ckpt['config'].get('tune')})")
+    state = {"config": {**ckpt["config"], "tune": "full"}, "step": ckpt["step"], "merged_from": path,
+             **{w: network_from_state(ckpt, w).state_dict() for w in ("model", "ema")}}
+    out = path.removesuffix(".pt") + "_merged.pt"
     save_checkpoint(out, state)
     return out
 
+# 8. Training: setup, the step, logging and checkpoints
 
-@torch.no_grad()
-def save_grid(net, path: str, cfg: Config, nfe: int, per_class: int = 10, seed: int = 0):
-    from torchvision.utils import save_image
-    dev = next(net.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    y = torch.arange(cfg.num_classes, device=dev).repeat_interleave(per_class)
-    z = torch.randn(len(y), cfg.channels, cfg.image_size, cfg.image_size, device=dev, generator=g)
-    x = sample_fewstep(net, z, y, nfe=nfe, generator=g)
-    save_image((x.clamp(-1, 1) + 1) / 2, path, nrow=per_class)
-
-
-def write_json(path: str, value: dict, append: bool = False) -> None:  # append: a JSON-lines log
-    with open(path, "a" if append else "w") as f:
-        f.write(json.dumps(value, indent=None if append else 2) + "\n")
-
-
-def environment() -> dict:
-    import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        git = None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "host": platform.node(), "cuda": torch.version.cuda, "gpu": gpu, "git": git}
-
-
-# ==================================================================================================
-# 9. Training: setup, the step, progress and checkpoints
-# ==================================================================================================
-
-
-def setup_process(cfg: Config):  # (device, rank, world); torchrun
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ["RANK"]) if distributed else 0
-    world = int(os.environ["WORLD_SIZE"]) if distributed else 1
+def setup(cfg: Config) -> SimpleNamespace:
+    """The process (torchrun sets RANK, WORLD_SIZE), the data, the network (new, or --init-from a
+    flow checkpoint's EMA; adapters under --tune lora), its EMA, the optimiser, and --resume."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but CUDA is not available")
     device = torch.device("cpu")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 master weights; bf16 matmuls anyway
-        torch.backends.cudnn.allow_tf32 = True
-    if distributed:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % world:
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} is not divisible by {world} "
-                         f"processes")
-    return device, rank, world
-
-
-def build_training(cfg: Config, device) -> SimpleNamespace:
-    """The network (new, or --init-from a flow checkpoint's EMA; adapters under --tune lora), its
-    EMA, the optimiser and the network of the targets of steps 4-5."""
-    net = build_model(cfg)
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} is not divisible by {world} processes")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed + rank)
+    data, net = ImageData(cfg, device), build_model(cfg)
     if cfg.init_from:
-        base = load_checkpoint(cfg.init_from, "cpu")
-        check_architecture(base["config"], cfg, cfg.init_from)
+        base = load_checkpoint(cfg.init_from, "cpu", cfg)
         if base["config"].get("tune") == "lora":
             raise SystemExit(f"error: {cfg.init_from} is a LoRA run; merge it first (--merge-lora)")
         net.load_state_dict(base["ema"])
-    teacher = copy.deepcopy(net).requires_grad_(False).to(device) if cfg.tune == "lora" else None
     net = (add_lora(net, cfg.lora_rank) if cfg.tune == "lora" else net).to(device)
-    ema = EMA(net, cfg.ema_decay)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, cfg.beta2),
-                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    targets = teacher if teacher is not None and cfg.lora_targets == "teacher" else ema.model
-    return SimpleNamespace(net=net, ema=ema, opt=opt, trainable=trainable, targets=targets,
-                           step=0, train_seconds=0.0)
-
+    run = SimpleNamespace(net=net, ema=EMA(net, cfg.ema_decay), trainable=trainable, step=0,
+                          train_seconds=0.0, data=data, device=device, rank=rank, world=world,
+                          path=os.path.join(cfg.out_dir, "ckpt.pt"))
+    run.opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, cfg.beta2),
+                                weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    if cfg.resume:
+        resume(run, cfg)
+    elif os.path.exists(run.path):
+        raise SystemExit(f"error: {run.path} exists; pass --resume, or another --out-dir")
+    if rank == 0 and os.path.exists(run.path + ".tmp"):
+        os.remove(run.path + ".tmp")          # a write cut off by a kill: never a whole checkpoint
+    if world > 1:  # one set of weights everywhere, whatever each process drew
+        for p in list(net.parameters()) + list(run.ema.model.parameters()):
+            dist.broadcast(p.data, 0)
+    return run
 
 def training_state(run: SimpleNamespace, cfg: Config) -> dict:  # all that exact resume needs
-    device = next(run.net.parameters()).device
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    cuda = run.device.type == "cuda"
     return {"model": run.net.state_dict(), "ema": run.ema.model.state_dict(),
             "ema_decay": run.ema.decay, "opt": run.opt.state_dict(),
-            "config": dataclasses.asdict(cfg), "step": run.step,
-            "train_seconds": run.train_seconds,
-            "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng}}
+            "config": dataclasses.asdict(cfg), "step": run.step, "train_seconds": run.train_seconds,
+            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}}
 
-
-def resume(run: SimpleNamespace, cfg: Config, path: str, rank: int, device) -> None:
-    ckpt = load_checkpoint(path, device)
-    check_architecture(ckpt["config"], cfg, path)
+def resume(run: SimpleNamespace, cfg: Config) -> None:
+    ckpt = load_checkpoint(run.path, run.device, cfg)
     saved = (ckpt["config"].get("tune"), ckpt["config"].get("lora_rank"))
     if cfg.tune == "lora" and saved != ("lora", cfg.lora_rank):
-        raise SystemExit(f"error: {path} was trained with another --tune/--lora-rank")
+        raise SystemExit(f"error: {run.path} was trained with another --tune/--lora-rank")
     run.net.load_state_dict(ckpt["model"])
     run.ema.model.load_state_dict(ckpt["ema"])
-    run.ema.decay = ckpt["ema_decay"]
     run.opt.load_state_dict(ckpt["opt"])
-    run.step, run.train_seconds = ckpt["step"], ckpt.get("train_seconds", 0.0)
-    if rank == 0:  # exact continuation on one process; other ranks get fresh, distinct streams
+    run.ema.decay, run.step, run.train_seconds = ckpt["ema_decay"], ckpt["step"], ckpt["train_seconds"]
+    if run.rank == 0:  # exact continuation on one process; other ranks get fresh, distinct streams
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     else:
-        torch.manual_seed(cfg.seed + rank + 7919 * run.step)
-
-
-def allreduce_gradients(model: nn.Module, world: int) -> None:
-    """Average the gradients of all ranks in one flat all-reduce (no DistributedDataParallel: a
-    step calls the network several times, some calls without gradient)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g) / world)
-
+        torch.manual_seed(cfg.seed + run.rank + 7919 * run.step)
 
 def scheduled(cfg: Config, step: int, total: int) -> Config:
     """The objective's settings at a step. NOTE(deviation), option --polish-from f > 0: the
@@ -815,164 +684,142 @@ def scheduled(cfg: Config, step: int, total: int) -> Config:
     return dataclasses.replace(cfg, gen_weight=cfg.gen_weight if on else 0.0,
                                onestep_weight=0.0 if on else cfg.onestep_weight)
 
-
-def train_step(run: SimpleNamespace, net_fn, targets_fn, x, y, cfg: Config, autocast, world: int):
+def train_step(run: SimpleNamespace, net_fn, targets_fn, x, y, cfg: Config, autocast):
     lr = cfg.lr * min(1.0, (run.step + 1) / max(1, cfg.warmup_steps))   # linear warm-up, then
     if cfg.lr_schedule == "cosine":                                      # constant (released)
         lr *= 0.5 * (1 + math.cos(math.pi * run.step / cfg.max_steps))
     for group in run.opt.param_groups:
         group["lr"] = lr
     with autocast:
-        cfg_now = scheduled(cfg, run.step, cfg.max_steps)
-        loss, terms = training_loss(net_fn, targets_fn, x, y, cfg_now)
+        loss, terms = training_loss(net_fn, targets_fn, x, y, scheduled(cfg, run.step, cfg.max_steps))
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if world > 1:
-        allreduce_gradients(run.net, world)
+    if run.world > 1:  # one flat all-reduce: no DDP wrapper, a step calls the network several times
+        grads = [p.grad for p in run.trainable if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g) / run.world)
     torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
     run.opt.step()
     run.ema.update(run.net)
     run.step += 1
     return loss.detach(), terms
 
+def write_json(path: str, value: dict, append: bool = False) -> None:  # append: a JSON-lines log
+    with open(path, "a" if append else "w") as f:
+        f.write(json.dumps(value, indent=None if append else 2) + "\n")
 
-class Progress:
-    """Clocks, img/s, the bar, log.jsonl, checkpoints and grids (rank 0 writes them), and the
-    checks that stop every rank together."""
+def environment() -> dict:
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = subprocess.run("git rev-parse HEAD", shell=True, cwd=here, capture_output=True, text=True)
+    return {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+            "cuda": torch.version.cuda, "git": git.stdout.strip() or None,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
-    def __init__(self, run: SimpleNamespace, cfg: Config, rank: int, device):
-        from tqdm import tqdm
-        self.run, self.cfg, self.main, self.device = run, cfg, rank == 0, device
-        size = sum(p.numel() for p in run.net.parameters()) / 1e6
-        self.bar = tqdm(total=cfg.max_steps or None, initial=run.step, disable=rank != 0,
-                        mininterval=2, desc=f"{cfg.objective} {size:.1f}M")
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss seen
-        self.t_start = self.t0 = self.last_t = time.time()
-        self.first_step = self.last_step = run.step
-        self.img_per_s = self.warmup_seconds = 0.0
-
-    def step_done(self, loss, terms: dict, world: int) -> bool:  # True: --minutes spent
-        run, cfg = self.run, self.cfg
-        self.bad |= ~torch.isfinite(loss)              # no host sync here: read at the intervals
-        self.bar.update(1)
-        if run.step == self.first_step + 1:  # the clocks start after the first (compiling) step
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.t0 = self.last_t = time.time()
-            self.warmup_seconds, self.last_step = self.t0 - self.t_start, run.step
-        at_log, at_ckpt = run.step % cfg.log_every == 0, run.step % cfg.ckpt_every == 0
-        if not (at_log or at_ckpt):
-            return False
-        time_up = cfg.minutes > 0 and time.time() - self.t0 > 60 * cfg.minutes
-        flags = torch.stack([self.bad.float(), torch.tensor(float(time_up), device=self.device)])
-        if world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0] > 0:
-            raise FloatingPointError
-        now = time.time()
-        run.train_seconds += now - self.last_t
-        self.img_per_s = (run.step - self.last_step) * cfg.batch_size / (now - self.last_t)
-        self.last_t, self.last_step = now, run.step
-        values = {k: round(v.item(), 5) for k, v in terms.items()}
-        shown = {k: f"{v:.4f}" for k, v in values.items()}
-        self.bar.set_postfix(shown | {"img/s": f"{self.img_per_s:.0f}"})
-        if self.main and at_log:
-            write_json(os.path.join(cfg.out_dir, "log.jsonl"), append=True, value={
-                "step": run.step, **values, "img_per_s": round(self.img_per_s, 1),
-                "train_seconds": round(run.train_seconds, 2)})
-        self.save(at_ckpt, cfg.sample_every and run.step % cfg.sample_every == 0)
-        return bool(flags[1] > 0)
-
-    def save(self, checkpoint: bool, grids: bool):
-        """Rank 0: the checkpoint first (a late error in sampling must not cost the training)."""
-        if self.main and checkpoint:
-            path = os.path.join(self.cfg.out_dir, "ckpt.pt")
-            save_checkpoint(path, training_state(self.run, self.cfg))
-        if not (self.main and grids):
-            return
-        for nfe in (1, 2):
-            name = os.path.join(self.cfg.out_dir, f"samples_{self.run.step:07d}_nfe{nfe}.png")
-            save_grid(self.run.ema.model, name, self.cfg, nfe)
-
-    def finish(self, terms: dict, stop: str) -> dict:  # rank 0 saves, then summary.json
-        run, cfg = self.run, self.cfg
-        self.bar.close()
-        run.train_seconds += time.time() - self.last_t
-        mean = (run.step - self.first_step - 1) * cfg.batch_size / max(time.time() - self.t0, 1e-9)
-        summary = {"step": run.step, "stop": stop, "train_seconds": round(run.train_seconds, 1),
-                   "img_per_s_last_window": round(self.img_per_s, 1),
-                   "img_per_s_mean": round(mean, 1),
-                   "warmup_seconds": round(self.warmup_seconds, 1),
-                   "params": sum(p.numel() for p in run.net.parameters()),
-                   "trainable_params": sum(p.numel() for p in run.trainable),
-                   "terms": {k: round(v.item(), 5) for k, v in terms.items()}}
-        self.save(True, True)
-        if self.main:
-            write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-            print(json.dumps(summary))
-        return summary
-
+@torch.no_grad()
+def save_outputs(run: SimpleNamespace, cfg: Config, grids: bool) -> None:  # rank 0
+    """The checkpoint first (a late error in sampling must not cost the training), then grids."""
+    save_checkpoint(run.path, training_state(run, cfg))
+    if not grids:
+        return
+    from torchvision.utils import save_image
+    y = torch.arange(cfg.num_classes, device=run.device).repeat_interleave(10)
+    for nfe in (1, 2):
+        g = torch.Generator(device=run.device).manual_seed(0)
+        z = torch.randn(len(y), cfg.channels, cfg.image_size, cfg.image_size, device=run.device,
+                        generator=g)
+        x = sample_fewstep(run.ema.model, z, y, nfe=nfe, generator=g)
+        save_image((x.clamp(-1, 1) + 1) / 2, f"{cfg.out_dir}/samples_{run.step:07d}_nfe{nfe}.png",
+                   nrow=10)
 
 def train(cfg: Config) -> dict:
     """Train with cfg, as one process or under torchrun; returns the summary. Writes to
     cfg.out_dir: config.json, env.json, ckpt.pt (every ckpt_every steps), log.jsonl (every
-    log_every steps), and at the end summary.json and sample grids."""
+    log_every steps: the terms, `gap` being the fake branch's health signal, and img/s), and at
+    the end summary.json and sample grids. Clocks start after the first (compiling) step."""
+    from tqdm import tqdm
     validate(cfg)
-    device, rank, world = setup_process(cfg)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed + rank)
-    data = ImageData(cfg, device)
-    run = build_training(cfg, device)
-    if cfg.resume:
-        resume(run, cfg, ckpt_path, rank, device)
-    elif os.path.exists(ckpt_path):
-        raise SystemExit(f"error: {ckpt_path} exists; pass --resume, or another --out-dir")
-    if rank == 0 and os.path.exists(ckpt_path + ".tmp"):
-        os.remove(ckpt_path + ".tmp")          # a write cut off by a kill: never a whole checkpoint
-    if world > 1:  # one set of weights everywhere, whatever each process drew
-        for p in list(run.net.parameters()) + list(run.ema.model.parameters()):
-            dist.broadcast(p.data, 0)
-    if rank == 0:
-        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
-        write_json(os.path.join(cfg.out_dir, "env.json"), {**environment(), "world_size": world})
-    net_fn, targets_fn = run.net, run.targets
-    if cfg.compile and device.type == "cuda":
-        # static shapes: one graph per call shape and grad mode (4 batch sizes per step)
-        import torch._dynamo as dynamo
-        dynamo.config.recompile_limit = max(32, dynamo.config.recompile_limit)
-        net_fn = torch.compile(run.net, dynamic=False)
-        targets_fn = torch.compile(run.targets, dynamic=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    progress, stop, terms = Progress(run, cfg, rank, device), "max-steps", {}
+    run = setup(cfg)
+    main = run.rank == 0
+    if main:
+        write_json(f"{cfg.out_dir}/config.json", dataclasses.asdict(cfg))
+        write_json(f"{cfg.out_dir}/env.json", {**environment(), "world_size": run.world})
+    net_fn, targets_fn = run.net, run.ema.model  # targets of steps 4-5: the EMA
+    if cfg.compile and run.device.type == "cuda":  # static shapes: one graph per call shape
+        torch._dynamo.config.recompile_limit = max(32, torch._dynamo.config.recompile_limit)
+        net_fn, targets_fn = (torch.compile(m, dynamic=False) for m in (net_fn, targets_fn))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda")
+    size = sum(p.numel() for p in run.net.parameters())
+    bar = tqdm(total=cfg.max_steps or None, initial=run.step, disable=not main, mininterval=2,
+               desc=f"{cfg.objective} {size / 1e6:.1f}M")
+    bad = torch.zeros((), dtype=torch.bool, device=run.device)  # non-finite loss: read at intervals
+    stop, terms, img_per_s, warmup = "max-steps", {}, 0.0, 0.0
+    first = last_step = run.step
+    t_start = t0 = last_t = time.time()
     try:
         while cfg.max_steps == 0 or run.step < cfg.max_steps:
-            x, y = data.batch(cfg.batch_size // world)
-            loss, terms = train_step(run, net_fn, targets_fn, x, y, cfg, autocast, world)
-            if progress.step_done(loss, terms, world):
+            x, y = run.data.batch(cfg.batch_size // run.world)
+            loss, terms = train_step(run, net_fn, targets_fn, x, y, cfg, autocast)
+            bad |= ~torch.isfinite(loss)
+            bar.update(1)
+            if run.step == first + 1:
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = last_t = time.time()
+                warmup, last_step = t0 - t_start, run.step
+            at_log, at_ckpt = run.step % cfg.log_every == 0, run.step % cfg.ckpt_every == 0
+            if not (at_log or at_ckpt):
+                continue
+            time_up = cfg.minutes > 0 and time.time() - t0 > 60 * cfg.minutes
+            flags = torch.stack([bad.float(), torch.tensor(float(time_up), device=run.device)])
+            if run.world > 1:  # every rank stops together
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0] > 0:
+                raise FloatingPointError
+            now = time.time()
+            run.train_seconds += now - last_t
+            img_per_s = (run.step - last_step) * cfg.batch_size / (now - last_t)
+            last_t, last_step = now, run.step
+            values = {k: round(v.item(), 5) for k, v in terms.items()}
+            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()} | {"img/s": f"{img_per_s:.0f}"})
+            if main and at_log:
+                write_json(f"{cfg.out_dir}/log.jsonl", {"step": run.step, **values, "img_per_s": round(
+                    img_per_s, 1), "train_seconds": round(run.train_seconds, 2)}, append=True)
+            if main and at_ckpt:
+                save_outputs(run, cfg, grids=False)
+            if flags[1] > 0:
                 stop = "minutes"
                 break
     except KeyboardInterrupt:
         stop = "interrupted"
     except FloatingPointError:
         stop = "non-finite loss"
-    if stop == "non-finite loss" or bool(progress.bad):
-        progress.bar.close()
+    bar.close()
+    if stop == "non-finite loss" or bool(bad):
         raise SystemExit(f"error: non-finite loss before step {run.step}; stopped. The last good "
-                         f"checkpoint ({ckpt_path}) is untouched; lower --lr or resume from it.")
-    summary = progress.finish(terms, stop)
-    if world > 1:
+                         f"checkpoint ({run.path}) is untouched; lower --lr or resume from it.")
+    now = time.time()
+    run.train_seconds += now - last_t
+    mean = (run.step - first - 1) * cfg.batch_size / max(now - t0, 1e-9)
+    summary = {"step": run.step, "stop": stop, "train_seconds": round(run.train_seconds, 1),
+               "img_per_s_last_window": round(img_per_s, 1), "img_per_s_mean": round(mean, 1),
+               "warmup_seconds": round(warmup, 1), "params": size,
+               "trainable_params": sum(p.numel() for p in run.trainable),
+               "terms": {k: round(v.item(), 5) for k, v in terms.items()}}
+    if main:
+        save_outputs(run, cfg, grids=True)
+        write_json(f"{cfg.out_dir}/summary.json", summary)
+        print(json.dumps(summary))
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     if stop == "interrupted":
         raise SystemExit(130)
     return summary
 
-
-# ==================================================================================================
-# 10. Command line: argparse generated from the Config dataclass
-# ==================================================================================================
-
+# 9. Command line: argparse generated from the Config dataclass
 
 def field_help(settings_class=Config) -> dict:  # field comments (also toy_2d's)
     import inspect
@@ -980,27 +827,19 @@ def field_help(settings_class=Config) -> dict:  # field comments (also toy_2d's)
     src = inspect.getsource(settings_class)
     return {m[1]: m[2] for m in re.finditer(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", src, re.M)}
 
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one clear line and exit code 2, never a traceback
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-
 def parse_config(argv=None) -> Config:  # defaults < preset < flags
     p = OneLineParser(prog="apex_min.py", description="APEX one-step generation (arXiv "
                       "2604.12322), minimal reference. `--dataset cifar` uses the cifar preset.")
-    groups = {"preset": "run", "image_size": "model", "objective": "objective",
-              "batch_size": "optimisation", "init_from": "plug-in tuning", "log_every": "logging"}
-    helps, defaults, current = field_help(), Config(), p
+    helps, defaults = field_help(), Config()
     for field in dataclasses.fields(Config):
-        current = p.add_argument_group(groups[field.name]) if field.name in groups else current
-        flag = "--" + field.name.replace("_", "-")
         text = f"{helps.get(field.name, '')} (default {getattr(defaults, field.name)!r})"
-        if field.type == "bool":
-            current.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            kind = {"int": int, "float": float, "str": str}[field.type]
-            current.add_argument(flag, type=kind, help=text)
+        kind = {"bool": dict(action=argparse.BooleanOptionalAction), "int": dict(type=int),
+                "float": dict(type=float), "str": dict(type=str)}[field.type]
+        p.add_argument("--" + field.name.replace("_", "-"), help=text, **kind)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset") or ("cifar" if args.get("dataset") == "cifar" else "tiny")
     try:
@@ -1009,7 +848,6 @@ def parse_config(argv=None) -> Config:  # defaults < preset < flags
     except ValueError as e:
         p.error(str(e))
     return cfg
-
 
 if __name__ == "__main__":
     config = parse_config()

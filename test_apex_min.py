@@ -489,11 +489,11 @@ def test_polish_schedule_and_cosine_learning_rate():
         terms = apex_min.training_loss(net, copy.deepcopy(net), x, y, dataclasses.replace(c, label_dropout=0))[1]
         assert (terms["onestep"] == 0) == (c is late) and ("gen" in terms) == (c is late)
     run = SimpleNamespace(opt=torch.optim.SGD(net.parameters(), lr=1.0), step=0, net=net, ema=apex_min.EMA(net),
-                          trainable=list(net.parameters()))
+                          trainable=list(net.parameters()), world=1)
     cfg = apex_min.Config(lr=1.0, lr_schedule="cosine", max_steps=4, objective="fm")
     rates = []
     for _ in range(4):
-        apex_min.train_step(run, net, net, x, y, cfg, contextlib.nullcontext(), 1)
+        apex_min.train_step(run, net, net, x, y, cfg, contextlib.nullcontext())
         rates.append(run.opt.param_groups[0]["lr"])
     assert rates == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
     with pytest.raises(ValueError, match="c_fake = c"):

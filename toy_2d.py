@@ -44,7 +44,7 @@ class ToySettings:
     euler_steps: int = 100        # NFE of the flow-matching reference
     checkpoints: int = 8          # alignment measurements over fine-tuning (plus step 0)
     workers: int = 2              # processes for the variants (one thread each; 2-core CPU)
-    out: str = ""                 # folder holding assets/ and results/ ("" = beside this file)
+    out: str = ""                 # folder for assets/ and results/ ("": here; --fast: runs/fast)
     fast: bool = False            # test-size run: tiny everything, seconds
     lr_pretrain: float = 3e-3     # constant; a small MLP learns a 2-D flow fast at this rate
     ema_decay: float = 0.99       # apex_min.EMA target decay, as the released code
@@ -548,14 +548,11 @@ def figure(result: dict, path: str) -> None:  # samples, cosine over fine-tuning
 
 
 def results_path(settings: ToySettings, filename: str, folder: str = "results") -> str:  # mkdir
-    folder = os.path.join(settings.out or os.path.dirname(os.path.abspath(__file__)), folder)
+    here = os.path.dirname(os.path.abspath(__file__))   # --fast never overwrites the records
+    root = settings.out or (os.path.join(here, "runs", "fast") if settings.fast else here)
+    folder = os.path.join(root, folder)
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, filename)
-
-
-def save_record(result: dict, path: str) -> None:  # all but the "_" keys (the figure's data)
-    with open(path, "w") as f:
-        json.dump({k: v for k, v in result.items() if not k.startswith("_")}, f, indent=1)
 
 
 # 9. Command line ==================================================================================
@@ -589,7 +586,8 @@ def main(argv=None) -> dict:
     result = run(settings)
     js, png = results_path(settings, "toy_2d.json"), results_path(settings, "toy_2d.png", "assets")
     figure(result, png)
-    save_record(result, js)
+    with open(js, "w") as f:     # all but the "_" keys (the figure's data)
+        json.dump({k: v for k, v in result.items() if not k.startswith("_")}, f, indent=1)
     print(table(result))
     print(f"\nwrote {png} ({os.path.getsize(png) / 1024:.0f} KB) and {js}; "
           f"wall {result['seconds']['wall']:.1f} s")

@@ -13,14 +13,14 @@
 # results/cifar_ablation.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${STAGE:-/root/stage}
+STAGE=${STAGE:?set STAGE to the folder of the Inception weights, statistics and shards}
 OUT=${OUT:-runs/out}
 mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1
 FID="--fid-weights $STAGE/default_1.pt --ref-stats $STAGE/cifar10_train_inception_pool3.npz"
 TRAIN="" DEMO="" TEACHER_MIN=2
 if [ "${TINY:-0}" = 1 ]; then
-  TRAIN="--device cpu --dim 32 --depth 1 --heads 2 --batch-size 16 --no-compile --log-every 2 --ckpt-every 4 --sample-every 0"
+  TRAIN="--device cpu --dim 32 --depth 1 --heads 2 --batch-size 16 --no-compile --log-every 2 --ckpt-every 4"
   DEMO="--device cpu --num-per-class 2 --grid-per-class 2 --batch-size 10"
   TEACHER_MIN=0.05
 fi

@@ -27,7 +27,7 @@ FID="--fid-weights $STAGE/default_1.pt --ref-stats $STAGE/cifar10_train_inceptio
 MIN_APEX=${MIN_APEX:-5.5} MIN_TEACHER=${MIN_TEACHER:-2} MIN_TUNE=${MIN_TUNE:-2}
 TRAIN="" DEMO=""
 if [ "${TINY:-0}" = 1 ]; then   # toy sizes: the same code paths, on a CPU, in seconds
-  TRAIN="--device cpu --dim 32 --depth 1 --heads 2 --batch-size 16 --no-compile --log-every 2 --ckpt-every 4 --sample-every 0"
+  TRAIN="--device cpu --dim 32 --depth 1 --heads 2 --batch-size 16 --no-compile --log-every 2 --ckpt-every 4"
   MIN_APEX=0.05 MIN_TEACHER=0.05 MIN_TUNE=0.05
   DEMO="--device cpu --num-per-class 2 --grid-per-class 2 --batch-size 10"
 fi

@@ -39,7 +39,8 @@ def run_ablation(ablation: str, settings: toy_2d.ToySettings) -> str:
     ablated = toy_2d.ToySettings(**{**vars(settings), **ABLATIONS[ablation]})
     result = toy_2d.run(ablated)
     path = toy_2d.results_path(ablated, record_name(ablation))
-    toy_2d.save_record(result, path)
+    with open(path, "w") as f:   # as toy_2d.main: all but the figure's data (the "_" keys)
+        json.dump({k: v for k, v in result.items() if not k.startswith("_")}, f, indent=1)
     print(f"{ablation}: wrote {path}; wall {result['seconds']['wall']:.1f} s", flush=True)
     return path
 

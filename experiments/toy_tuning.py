@@ -7,7 +7,7 @@ The CIFAR-10 comparison of the README at CPU scale. toy_2d.py's shared flow-matc
 is the checkpoint; APEX then tunes every weight, or only low-rank adapters on the input and hidden
 layers (zero-initialised, so tuning starts exactly at the checkpoint) plus the target-time
 embedding, as apex_min.add_lora does for the DiT. Under LoRA the guidance and consistency targets
-come from the EMA of the adapted model or from the frozen teacher (apex_min's --lora-targets).
+come from the EMA of the adapted model or from the frozen teacher (apex_min.py uses the EMA).
 Every row has the same steps, seeds and learning-rate schedule; toy_2d.py's flags apply (--help).
 """
 import copy
