@@ -1,0 +1,94 @@
+"""Speed of one training step of the cifar preset: img/s, MFU, and a torch.profiler table.
+
+    python experiments/profile_step.py                       # the default objective (apex), on a GPU
+    python experiments/profile_step.py --objective fm --steps 50
+    python experiments/profile_step.py --device cpu --tiny   # smoke test: seconds, numbers meaningless
+
+The data are the synthetic shapes at 32x32 (no download): a step costs the same whatever the images
+show. After the compiling first step and `--warmup` more, `--steps` steps are timed (img/s), their
+FLOPs counted as cifar_demo.step_flops counts them (MFU against the bf16 peak measured here), and
+`--profile` further steps are recorded by torch.profiler: the table of the operators with the most
+device time is printed and, with --out, written with the numbers to a JSON record.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import apex_min as am  # noqa: E402
+import cifar_demo  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = am.OneLineParser(prog="profile_step.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--objective", default="apex", choices=am.OBJECTIVES[:3])
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--profile", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test)")
+    p.add_argument("--out", default="", help="write profile_<objective>.json here")
+    args = p.parse_args(argv)
+    size = dict(dim=32, depth=1, heads=2, batch_size=16) if args.tiny else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = am.Config(**{**am.PRESETS["cifar"], **size, "preset": "cifar", "dataset": "shapes",
+                           "objective": args.objective, "device": args.device, "out_dir": tmp,
+                           "max_steps": 10 ** 6, "minutes": 0.0})
+        cfg.compile = cfg.compile and not args.tiny
+        am.validate(cfg)
+        run = am.setup(cfg)
+    cuda = run.device.type == "cuda"
+    net_fn, targets_fn = run.net, run.ema.model
+    if cfg.compile and cuda:
+        torch._dynamo.config.recompile_limit = max(32, torch._dynamo.config.recompile_limit)
+        net_fn, targets_fn = (torch.compile(m, dynamic=False) for m in (net_fn, targets_fn))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def steps(n):
+        for _ in range(n):
+            loss, _ = am.train_step(run, net_fn, targets_fn, *run.data.batch(cfg.batch_size), cfg, autocast)
+        return loss
+
+    start = time.time()
+    steps(1 + args.warmup)
+    sync()
+    warm = time.time() - start
+    start = time.time()
+    loss = steps(args.steps)
+    sync()
+    seconds = time.time() - start
+    img_per_s = args.steps * cfg.batch_size / seconds
+    flops = cifar_demo.step_flops(cfg) * img_per_s
+    peak = cifar_demo.measured_bf16_peak() if cuda else None
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        steps(args.profile)
+        sync()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    record = {"objective": cfg.objective, "batch_size": cfg.batch_size, "steps": args.steps,
+              "warmup_seconds": round(warm, 1), "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1),
+              "step_gflops_per_image": round(cifar_demo.step_flops(cfg) / 1e9, 3),
+              "model_tflops": round(flops / 1e12, 1), "peak_bf16_tflops": round(peak / 1e12, 1) if peak else None,
+              "mfu": round(flops / peak, 4) if peak else None, "final_loss": round(loss.item(), 4),
+              "env": am.environment(), "profile_table": table}
+    print(table)
+    print(f"{cfg.objective}: {img_per_s:.0f} img/s, {flops / 1e12:.1f} TFLOP/s"
+          + (f", MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}" if peak else "") + f" ({record['env']['gpu']})")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"profile_{cfg.objective}.json"), "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main()
