@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import platform
+import sys
 import time
 from types import SimpleNamespace
 
@@ -224,7 +225,8 @@ def condition_shift(c, fake, a: float, b: float):
     Trained by flow matching on the generator's samples, this branch learns p_theta's velocity.
     NOTE(deviation): the released code shifts text tokens with a = -1, b = 0; we shift the class
     embedding with Table 7's best cell, a = -0.5, b = 1. The released shift collapses here: the
-    embedding has std ~0.02, so -c is almost c and the branches stay coupled."""
+    embedding has std ~0.02, so -c moves the condition by ~0.04 RMS (this default: ~1); the
+    branches start coupled and training diverges (docs/results.md). setup warns below 0.1."""
     return torch.where(bcast(fake, c), a * c + b, c)
 
 def bcast(t, x):  # (B,) -> (B, 1, ..., 1): one value per row of x
@@ -633,6 +635,13 @@ def setup(cfg: Config) -> SimpleNamespace:
             raise SystemExit(f"error: {cfg.init_from} is a LoRA run; merge it first (--merge-lora)")
         net.load_state_dict(base["ema"])
     net = (add_lora(net, cfg.lora_rank) if cfg.tune == "lora" else net).to(device)
+    with torch.no_grad():  # the health check of the shift, before any step
+        c = net.embed_class(torch.arange(cfg.num_classes, device=device))
+        rms = (condition_shift(c, torch.ones(len(c), dtype=torch.bool, device=device), cfg.shift_a,
+                               cfg.shift_b) - c).pow(2).mean().sqrt().item()
+    if cfg.objective == "apex" and rank == 0 and rms < 0.1:
+        print(f"warning: the condition shift moves the class embedding by {rms:.3f} RMS (< 0.1); the "
+              f"branches start coupled, which diverged on CIFAR-10 (docs/results.md)", file=sys.stderr)
     trainable = [p for p in net.parameters() if p.requires_grad]
     run = SimpleNamespace(net=net, ema=EMA(net, cfg.ema_decay), trainable=trainable, step=0,
                           train_seconds=0.0, data=data, device=device, rank=rank, world=world,

@@ -249,6 +249,25 @@ def test_condition_shift_changes_only_the_masked_rows():
     torch.testing.assert_close(out[fake], -c[fake])
 
 
+def test_condition_shift_acts_on_rows_of_token_conditions_when_batch_equals_tokens():
+    """(B, T, D) conditions (text tokens) with B = T: a broadcast of the row mask along the token
+    axis would shift token positions instead of rows; the result must equal a per-row loop."""
+    c, fake = torch.randn(4, 4, 3), torch.tensor([True, False, False, True])
+    out = apex_min.condition_shift(c, fake, a=-0.5, b=1.0)
+    expected = torch.stack([-0.5 * row + 1.0 if f else row for row, f in zip(c, fake)])
+    assert torch.equal(out, expected)
+
+
+def test_a_shift_that_barely_moves_the_class_embedding_warns(tmp_path, capsys):
+    """The released a = -1, b = 0 on an embedding of std 0.02 moves c by ~0.04 RMS: one warning
+    line at the start of training (it diverged on CIFAR-10); the default shift gives none."""
+    for (a, b), warned in (((-1.0, 0.0), True), ((-0.5, 1.0), False)):
+        cfg = apex_min.Config(shift_a=a, shift_b=b, device="cpu", out_dir=str(tmp_path / f"{a}"))
+        apex_min.setup(cfg)
+        err = capsys.readouterr().err
+        assert ("warning: the condition shift" in err) == warned and err.count("\n") == warned
+
+
 # ==================================================================================================
 # 4. Interpolant and per-sample losses (the conventions of apex_min's docstring)
 # ==================================================================================================

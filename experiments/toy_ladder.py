@@ -2,6 +2,7 @@
 
     python experiments/toy_ladder.py            # ~10 min on 2 cores; results/toy_ladder.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
+    python experiments/toy_ladder.py --report   # the table of the committed record only
 
 Every rung fine-tunes the same pretrained flow ensemble (toy_2d.pretrain: 3 seeds x {ring, grid})
 for the same steps with the same draws, and is scored as toy_2d.py scores (1-NFE sliced W1, share
@@ -117,6 +118,12 @@ def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--report"]:   # the table of the committed record, without running
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
+                               "toy_ladder.json")) as f:
+            record = json.load(f)
+        print(table(record))
+        return record
     settings = toy_2d.parse_settings(argv, prog="toy_ladder.py")
     # one alignment measurement, at the end, against a large reference set (4096 per class)
     settings = dataclasses.replace(settings, checkpoints=1, n_ref=settings.n_ref if settings.fast else 8192)
