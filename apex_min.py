@@ -331,7 +331,7 @@ def generator_term(net, F_one, z, y, cfg: Config, velocities=shifted_velocities)
     with torch.no_grad():
         x_g = z - F_one.detach()
         u = torch.rand(len(x_g), device=x_g.device)
-        s = cfg.gen_s_min + (cfg.gen_s_max - cfg.gen_s_min) * u
+        s = cfg.gen_s_min + (cfg.gen_s_max - cfg.gen_s_min) * u  # NOTE(deviation), option; released U(0, 1)
         x_s = interpolate(x_g, torch.randn_like(x_g), s)
         v_fake, v_real = velocities(net, x_s, s, y, cfg)
         gap = (v_fake - v_real).pow(2).mean()
@@ -695,7 +695,7 @@ def scheduled(cfg: Config, step: int, total: int) -> Config:
 
 def train_step(run: SimpleNamespace, net_fn, targets_fn, x, y, cfg: Config, autocast):
     lr = cfg.lr * min(1.0, (run.step + 1) / max(1, cfg.warmup_steps))   # linear warm-up, then
-    if cfg.lr_schedule == "cosine":                                      # constant (released)
+    if cfg.lr_schedule == "cosine":  # constant (released); NOTE(deviation), option: cosine
         lr *= 0.5 * (1 + math.cos(math.pi * run.step / cfg.max_steps))
     for group in run.opt.param_groups:
         group["lr"] = lr

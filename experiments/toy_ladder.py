@@ -113,7 +113,33 @@ class Rung:
 def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
     objective = RUNGS[name][0]
     result = toy_2d.finetune(objective, pretrained, settings, loss=Rung(name, settings))
-    return {"name": name, "rows": result["rows"][f"{objective}@1"], "alignment": result["alignment"]}
+    names, x = toy_2d.member_names(settings), result["samples"][f"{objective}@1"]
+    first = {t: x[:1500, names.index(t)] for t in dict.fromkeys(names)}   # the first seed's samples
+    return {"name": name, "rows": result["rows"][f"{objective}@1"], "alignment": result["alignment"],
+            "samples": first if name in FIGURE else None}
+
+
+FIGURE = ("consistency", "apex_released", "oracle_both", "oracle_real", "oracle_fake", "apex_best")
+
+
+def figure(samples: dict, record: dict, path: str) -> None:
+    """1-NFE samples of the first seed: the target, then the rungs of FIGURE, per mixture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    targets = list(next(iter(samples.values())))
+    cols = 1 + len(FIGURE)
+    fig, ax = plt.subplots(len(targets), cols, figsize=(1.6 * cols, 1.7 * len(targets)), squeeze=False,
+                           layout="tight")
+    for i, t in enumerate(targets):
+        columns = [("target", toy_2d.sample_toy(t, 1500, generator=torch.Generator().manual_seed(0))[0])]
+        for j, (title, x) in enumerate(columns + [(n, samples[n][t]) for n in FIGURE]):
+            sw1 = "" if title == "target" else f"\nsw1 {record['rungs'][title][t]['sw1'][0]:.4f}"
+            ax[i, j].scatter(*x.T, s=0.4, c=torch.arange(len(x)) % 2, cmap="coolwarm", lw=0)
+            ax[i, j].set(xlim=(-1.35, 1.35), ylim=(-1.35, 1.35), xticks=[], yticks=[], aspect="equal")
+            ax[i, j].set_title(title + sw1, fontsize=6)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -132,8 +158,10 @@ def main(argv=None) -> dict:
     pretrained = toy_2d.pretrain(settings)
     names = toy_2d.member_names(settings)
     jobs = [(name, pretrained, settings) for name in RUNGS]
-    rungs = {}
+    rungs, samples = {}, {}
     for r in toy_2d.run_jobs(finetune_rung, jobs, settings.workers):
+        if r["samples"] is not None:
+            samples[r["name"]] = r["samples"]
         objective, overrides, oracle = RUNGS[r["name"]]
         entry = {"settings": {"objective": objective, **overrides, "oracle": oracle}}
         for target in dict.fromkeys(names):
@@ -151,8 +179,11 @@ def main(argv=None) -> dict:
     path = toy_2d.results_path(settings, "toy_ladder.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
+    png = toy_2d.results_path(settings, "toy_ladder.png", "assets")
+    figure(samples, record, png)
     print(table(record))
-    print(f"\nwrote {path}; wall {record['seconds_wall']:.1f} s")
+    print(f"\nwrote {path} and {png} ({os.path.getsize(png) / 1024:.0f} KB); "
+          f"wall {record['seconds_wall']:.1f} s")
     return record
 
 
