@@ -165,7 +165,7 @@ def mixture_log_density_and_score(x, means, var):  # x (N, 2), means (N, K, 2), 
     var = torch.as_tensor(var, dtype=torch.float64).expand(x.shape[0], means.shape[1])  # (N, K)
     diff = means - x[:, None]                                                        # (N, K, 2)
     log_comp = (-math.log(means.shape[1]) - torch.log(2 * math.pi * var)
-                - diff.pow(2).sum(-1) / (2 * var))                                   # (N, K)
+                - (diff[..., 0] ** 2 + diff[..., 1] ** 2) / (2 * var))               # (N, K)
     score = (torch.softmax(log_comp, dim=1)[..., None] * diff / var[..., None]).sum(1)  # (N, 2)
     return torch.logsumexp(log_comp, dim=1), score      # logsumexp: finite far from every mode
 
@@ -417,7 +417,7 @@ def run_jobs(fn, jobs: list, workers: int) -> list:  # spawned processes: fork c
         return [fn(*job) for job in jobs]
     import multiprocessing
     with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        return pool.starmap(fn, jobs)
+        return pool.starmap(fn, jobs, chunksize=1)   # one job at a time: the pool balances
 
 
 def run(settings: ToySettings, loss=None) -> dict:  # every number; `loss` for every variant

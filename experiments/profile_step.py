@@ -34,6 +34,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", type=int, default=8)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
     p.add_argument("--out", default="", help="write profile_<objective>.json here")
     args = p.parse_args(argv)
     size = dict(dim=32, depth=1, heads=2, batch_size=16) if args.tiny else {}
@@ -48,7 +50,8 @@ def main(argv=None) -> dict:
     net_fn, targets_fn = run.net, run.ema.model
     if cfg.compile and cuda:
         torch._dynamo.config.recompile_limit = max(32, torch._dynamo.config.recompile_limit)
-        net_fn, targets_fn = (torch.compile(m, dynamic=False) for m in (net_fn, targets_fn))
+        net_fn, targets_fn = (torch.compile(m, dynamic=False, mode=args.compile_mode)
+                              for m in (net_fn, targets_fn))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -74,7 +77,8 @@ def main(argv=None) -> dict:
         sync()
     key = "cuda_time_total" if cuda else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
-    record = {"objective": cfg.objective, "batch_size": cfg.batch_size, "steps": args.steps,
+    record = {"objective": cfg.objective, "compile_mode": args.compile_mode, "batch_size": cfg.batch_size,
+              "steps": args.steps,
               "warmup_seconds": round(warm, 1), "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1),
               "step_gflops_per_image": round(cifar_demo.step_flops(cfg) / 1e9, 3),
               "model_tflops": round(flops / 1e12, 1), "peak_bf16_tflops": round(peak / 1e12, 1) if peak else None,
@@ -85,7 +89,8 @@ def main(argv=None) -> dict:
           + (f", MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}" if peak else "") + f" ({record['env']['gpu']})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"profile_{cfg.objective}.json"), "w") as f:
+        suffix = "" if args.compile_mode == "default" else "_" + args.compile_mode
+        with open(os.path.join(args.out, f"profile_{cfg.objective}{suffix}.json"), "w") as f:
             json.dump(record, f, indent=1)
     return record
 
