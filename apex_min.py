@@ -811,7 +811,7 @@ def train(cfg: Config) -> dict:
                          f"checkpoint ({run.path}) is untouched; lower --lr or resume from it.")
     now = time.time()
     run.train_seconds += now - last_t
-    mean = (run.step - first - 1) * cfg.batch_size / max(now - t0, 1e-9)
+    mean = max(run.step - first - 1, 0) * cfg.batch_size / max(now - t0, 1e-9)
     summary = {"step": run.step, "stop": stop, "train_seconds": round(run.train_seconds, 1),
                "img_per_s_last_window": round(img_per_s, 1), "img_per_s_mean": round(mean, 1),
                "warmup_seconds": round(warmup, 1), "params": size,
