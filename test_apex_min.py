@@ -1460,6 +1460,65 @@ def test_toy_lora_starts_at_the_base_and_trains_only_adapters():
     assert all(p.grad is None for n, p in lora.named_parameters() if n not in trainable)
 
 
+class _DataAsGenerator:
+    """A stand-in network whose one-step samples are exact data samples of each row's class, from
+    the mixture of the row's ensemble member (row i belongs to member i % M)."""
+    num_classes = 2
+
+    def __init__(self, names):
+        self.names = names
+
+    def embed_class(self, y):
+        return y
+
+    def __call__(self, z, t, tt, c):
+        out, member = torch.empty_like(z), torch.arange(len(z)) % len(self.names)
+        for m, name in enumerate(self.names):
+            rows = member == m
+            out[rows] = z[rows] - toy_2d.sample_toy(name, int(rows.sum()), y=c[rows])[0]
+        return out
+
+
+def test_toy_ladder_oracle_fake_velocity_matches_the_data_when_the_generator_is_exact():
+    """The oracle's v_fake comes from the empirical mixture of the generator's samples of each
+    row's own member and class: for a generator that samples the data exactly it must match the
+    exact v_real. Rows paired with another member's or class's samples would not."""
+    toy_ladder = _experiment("toy_ladder")
+    names = ["ring", "ring", "grid"]
+    torch.manual_seed(0)
+    net, oracle = _DataAsGenerator(names), toy_ladder.Oracle(names, "both", n_ref=4096)
+    y = torch.arange(96) % 2
+    x0 = torch.cat([toy_2d.sample_toy(names[i % 3], 1, y=y[i:i + 1])[0] for i in range(96)])
+    s = 0.3 + 0.4 * torch.rand(96)
+    x_s = apex_min.interpolate(x0, torch.randn_like(x0), s)
+    v_fake, v_real = oracle(net, x_s, s, y, apex_min.Config())
+    error = (v_fake - v_real).norm(dim=1).mean() / v_real.norm(dim=1).mean()
+    assert error < 0.05, error
+    for wrong in (["grid", "grid", "ring"], "classes"):      # another member's or class's samples
+        net = _DataAsGenerator(names if wrong == "classes" else wrong)
+        if wrong == "classes":
+            net.embed_class = lambda labels: 1 - labels
+        oracle.calls = 0                                      # fresh reference samples
+        v_fake, v_real = oracle(net, x_s, s, y, apex_min.Config())
+        assert (v_fake - v_real).norm(dim=1).mean() / v_real.norm(dim=1).mean() > 0.2, wrong
+
+
+def test_toy_ladder_script_at_test_size(tmp_path):
+    """python experiments/toy_ladder.py --fast: the record holds every default rung with its
+    per-seed metrics, and --report prints its table."""
+    done = subprocess.run([sys.executable, "experiments/toy_ladder.py", "--fast", "--out", str(tmp_path)],
+                          cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "results" / "toy_ladder.json").read_text())
+    toy_ladder = _experiment("toy_ladder")
+    assert list(record["rungs"]) == [n for n in toy_ladder.RUNGS if n not in toy_ladder.EXTRA]
+    for name in ("consistency", "gen0", "apex_released", "oracle_both", "oracle_real", "oracle_fake",
+                 "apex_best"):
+        for target in ("ring", "grid"):
+            assert set(record["rungs"][name][target]) >= {"sw1", "share3", "coverage"}
+    assert (tmp_path / "assets" / "toy_ladder.png").is_file()
+
+
 def test_toy_tuning_script_at_test_size(tmp_path):
     """python experiments/toy_tuning.py, run as a reader runs it (from the repository root)."""
     done = subprocess.run([sys.executable, "experiments/toy_tuning.py", "--fast", "--out",
