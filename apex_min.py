@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -623,7 +624,8 @@ def setup(cfg: Config) -> SimpleNamespace:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",   # a stuck rank: an
+                                timeout=datetime.timedelta(minutes=10))  # error after 10 minutes
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} is not divisible by {world} processes")
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -939,6 +939,39 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
             assert torch.equal(saved[which][name], value), f"{which}.{name} differs from the checkpoint"
 
 
+def test_a_rank_killed_mid_run_ends_the_whole_torchrun_job(tmp_path):
+    """SIGKILL to rank 1 of a 2-rank CPU job: torchrun stops rank 0 too, within seconds and with a
+    non-zero exit naming the killed rank, and the last checkpoint still loads."""
+    import signal
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "apex_min.py"), "--max-steps", "1000000", "--out-dir", str(out), "--device", "cpu",
+           "--dim", "32", "--depth", "1", "--image-size", "8", "--batch-size", "8", "--num-classes", "3",
+           "--log-every", "1", "--ckpt-every", "2"]
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(logged_steps(out / "log.jsonl")) < 4:
+        assert job.poll() is None and time.time() < deadline, "the job did not start"
+        time.sleep(0.05)
+    rank1 = None
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            args = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"RANK=1" in env and str(out).encode() in args and b"torch.distributed.run" not in args:
+            rank1 = pid
+    assert rank1 is not None, "no process of rank 1 found"
+    start = time.time()
+    os.kill(rank1, signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.time() - start < 30, (job.returncode, time.time() - start)
+    assert "rank      : 1" in err and "SIGKILL" in err
+    apex_min.load_checkpoint(str(out / "ckpt.pt"))                         # whole and loadable
+
+
 # ==================================================================================================
 # 10. Command line
 # ==================================================================================================
