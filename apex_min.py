@@ -676,10 +676,11 @@ def resume(run: SimpleNamespace, cfg: Config) -> None:
     run.net.load_state_dict(ckpt["model"])
     run.ema.model.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["opt"])
-    run.ema.decay, run.step, run.train_seconds = ckpt["ema_decay"], ckpt["step"], ckpt["train_seconds"]
+    run.ema.decay, run.step = ckpt["ema_decay"], ckpt["step"]
+    run.train_seconds = ckpt.get("train_seconds", 0.0)   # checkpoints before the field: 0
     if run.rank == 0:  # exact continuation on one process; other ranks get fresh, distinct streams
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        if ckpt["rng"]["cuda"] is not None and run.device.type == "cuda":
+        if ckpt["rng"].get("cuda") is not None and run.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     else:
         torch.manual_seed(cfg.seed + run.rank + 7919 * run.step)
@@ -724,9 +725,13 @@ def write_json(path: str, value: dict, append: bool = False) -> None:  # append:
 def environment() -> dict:
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
-    git = subprocess.run("git rev-parse HEAD", shell=True, cwd=here, capture_output=True, text=True)
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip() or None
+    except Exception:   # no git, or not a checkout
+        git = None
     return {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-            "cuda": torch.version.cuda, "git": git.stdout.strip() or None,
+            "cuda": torch.version.cuda, "git": git,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 @torch.no_grad()
@@ -745,6 +750,15 @@ def save_outputs(run: SimpleNamespace, cfg: Config, grids: bool) -> None:  # ran
         save_image((x.clamp(-1, 1) + 1) / 2, f"{cfg.out_dir}/samples_{run.step:07d}_nfe{nfe}.png",
                    nrow=10)
 
+def step_functions(run: SimpleNamespace, cfg: Config, mode: str = "default"):
+    """(net_fn, targets_fn, autocast) for train_step: the network and the EMA (the targets of steps
+    4-5), compiled on CUDA with --compile (static shapes: one graph per call shape); bf16 there."""
+    net_fn, targets_fn, cuda = run.net, run.ema.model, run.device.type == "cuda"
+    if cfg.compile and cuda:
+        torch._dynamo.config.recompile_limit = max(32, torch._dynamo.config.recompile_limit)
+        net_fn, targets_fn = (torch.compile(m, dynamic=False, mode=mode) for m in (net_fn, targets_fn))
+    return net_fn, targets_fn, torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
 def train(cfg: Config) -> dict:
     """Train with cfg, as one process or under torchrun; returns the summary. Writes to
     cfg.out_dir: config.json, env.json, ckpt.pt (every ckpt_every steps), log.jsonl (every
@@ -757,11 +771,7 @@ def train(cfg: Config) -> dict:
     if main:
         write_json(f"{cfg.out_dir}/config.json", dataclasses.asdict(cfg))
         write_json(f"{cfg.out_dir}/env.json", {**environment(), "world_size": run.world})
-    net_fn, targets_fn = run.net, run.ema.model  # targets of steps 4-5: the EMA
-    if cfg.compile and run.device.type == "cuda":  # static shapes: one graph per call shape
-        torch._dynamo.config.recompile_limit = max(32, torch._dynamo.config.recompile_limit)
-        net_fn, targets_fn = (torch.compile(m, dynamic=False) for m in (net_fn, targets_fn))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda")
+    net_fn, targets_fn, autocast = step_functions(run, cfg)
     size = sum(p.numel() for p in run.net.parameters())
     bar = tqdm(total=cfg.max_steps or None, initial=run.step, disable=not main, mininterval=2,
                desc=f"{cfg.objective} {size / 1e6:.1f}M")

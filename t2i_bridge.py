@@ -22,6 +22,7 @@ the copy (a closure would keep serving the live bridge).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from types import SimpleNamespace
@@ -204,8 +205,8 @@ class T2IBridge(nn.Module):
         with torch.no_grad():
             tokens = self.embed_class(torch.arange(min(self.num_classes + 1, 64)))
             tokens = tokens[:, :self.tokens].float()                          # (P, T, D)
-            seen = (lambda v: functional.layer_norm(v, v.shape[-1:], eps=1e-6)
-                    ) if self.kind.layernorm else (lambda v: v)
+            def seen(v):   # the tokens as the blocks see them
+                return functional.layer_norm(v, v.shape[-1:], eps=1e-6) if self.kind.layernorm else v
             change = ((seen(a * tokens + b) - seen(tokens)).norm() / seen(tokens).norm()).item()
         if change < threshold:
             after = " after their LayerNorm, which removes b and the size of a" if (
@@ -236,19 +237,13 @@ def build_training(bridge: T2IBridge, cfg: apex_min.Config) -> SimpleNamespace:
     trainable = [p for p in bridge.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, cfg.beta2),
                             weight_decay=cfg.weight_decay)
-    return SimpleNamespace(net=bridge, ema=ema, opt=opt, trainable=trainable)
+    return SimpleNamespace(net=bridge, ema=ema, opt=opt, trainable=trainable, step=0, world=1)
 
 
 def apex_step(run: SimpleNamespace, x, y, cfg: apex_min.Config):  # (loss, terms)
-    """One step as apex_min trains: training_loss (label dropout, then apex_loss), clipped AdamW,
-    then the EMA (step 8)."""
-    loss, terms = apex_min.training_loss(run.net, run.ema.model, x, y, cfg)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
-    run.opt.step()
-    run.ema.update(run.net)
-    return loss.detach(), terms
+    """One step of apex_min.train_step: training_loss (label dropout, then apex_loss) on the bridge
+    with the EMA's targets, clipped AdamW, then the EMA (step 8). Autocast is the caller's."""
+    return apex_min.train_step(run, run.net, run.ema.model, x, y, cfg, contextlib.nullcontext())
 
 
 def add_lora(bridge: T2IBridge, rank: int, use_peft: bool | None = None) -> T2IBridge:

@@ -10,8 +10,6 @@ FLOPs counted as cifar_demo.step_flops counts them (MFU against the bf16 peak me
 `--profile` further steps are recorded by torch.profiler: the table of the operators with the most
 device time is printed and, with --out, written with the numbers to a JSON record.
 """
-import argparse
-import contextlib
 import json
 import os
 import sys
@@ -47,12 +45,7 @@ def main(argv=None) -> dict:
         am.validate(cfg)
         run = am.setup(cfg)
     cuda = run.device.type == "cuda"
-    net_fn, targets_fn = run.net, run.ema.model
-    if cfg.compile and cuda:
-        torch._dynamo.config.recompile_limit = max(32, torch._dynamo.config.recompile_limit)
-        net_fn, targets_fn = (torch.compile(m, dynamic=False, mode=args.compile_mode)
-                              for m in (net_fn, targets_fn))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    net_fn, targets_fn, autocast = am.step_functions(run, cfg, args.compile_mode)   # as train()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def steps(n):
