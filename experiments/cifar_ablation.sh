@@ -5,6 +5,9 @@
 #   bash experiments/cifar_ablation.sh arms SEED STEPS [ARM ...]   # the arms (default: all), at once
 # A seed is one whole pipeline (teacher and tuning). The arms run side by side on the GPU, so their
 # budget is a step count, not seconds; img/s in their records is measured under that sharing.
+# CALL_MIN=m stops the arms after m training minutes; calling `arms` again resumes them (exactly:
+# one process each), and an arm is evaluated once it has all its steps. TAG names a schedule
+# (runs/ARM$TAG_sSEED, e.g. TAG=-2k for 2000 steps); EULER=0 skips the teacher's 50-step FID.
 # Every arm uses the cosine learning-rate decay over its steps (the polish schedule of apex_best
 # relies on it), so the arms differ only in the objective.
 # STAGE holds default_1.pt, the reference statistics and the CIFAR-10 shards (or pickles in
@@ -30,6 +33,7 @@ declare -A ARMS=(
   [apex_released]=""
   [apex_best]="--polish-from 0.8 --gen-s-min 0.02 --gen-s-max 0.25"
   [shift_released]="--shift-a -1 --shift-b 0"
+  [polish_gen0]="--polish-from 0.8 --gen-weight 0"   # apex_best's schedule without the correction
 )
 
 data() {  # the training pickles, from the staged shards train_00..04.npz (x: N,32,32,3 uint8)
@@ -61,7 +65,7 @@ case "${1:-}" in
     name=teacher_s$2
     python apex_min.py --dataset cifar --objective fm --minutes $TEACHER_MIN --seed $2 \
       --out-dir runs/$name $TRAIN > runs/$name.log 2>&1 || { tail -c 3000 runs/$name.log; exit 1; }
-    python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO --nfe 1 2 --euler-steps 50 | grep FID
+    python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO --nfe 1 2 --euler-steps ${EULER:-50} | grep FID
     record $name ;;
   arms)
     data
@@ -72,18 +76,29 @@ case "${1:-}" in
       [ -n "${ARMS[$arm]+set}" ] || { echo "unknown arm $arm: one of ${!ARMS[*]}" >&2; exit 2; }
     done
     for arm in "${chosen[@]}"; do
-      python apex_min.py --dataset cifar --init-from runs/teacher_s$seed/ckpt.pt --seed $seed \
-        --minutes 0 --max-steps $steps --lr-schedule cosine --out-dir runs/${arm}_s$seed $TRAIN \
-        ${ARMS[$arm]} > runs/${arm}_s$seed.log 2>&1 &
+      name=$arm${TAG:-}_s$seed
+      [ -f runs/$name/fid_results.json ] && continue          # evaluated in an earlier call
+      more=""
+      [ -f runs/$name/ckpt.pt ] && more="--resume"
+      rm -f runs/$name/summary.json
+      python apex_min.py --dataset cifar --init-from runs/teacher_s$seed/ckpt.pt $more --seed $seed --minutes ${CALL_MIN:-0} \
+        --max-steps $steps --lr-schedule cosine --out-dir runs/$name $TRAIN ${ARMS[$arm]} \
+        >> runs/$name.log 2>&1 &
     done
     wait
     for arm in "${chosen[@]}"; do
-      if [ ! -f runs/${arm}_s$seed/summary.json ]; then
-        echo "$arm failed:"; tail -c 2000 runs/${arm}_s$seed.log; continue
+      name=$arm${TAG:-}_s$seed
+      [ -f runs/$name/fid_results.json ] && { echo "$arm: evaluated in an earlier call"; continue; }
+      if [ ! -f runs/$name/summary.json ]; then
+        echo "$arm failed:"; tail -c 2000 runs/$name.log; continue
       fi
-      echo "$arm: $(tail -n 1 runs/${arm}_s$seed/log.jsonl)"
-      python cifar_demo.py --ckpt runs/${arm}_s$seed/ckpt.pt $FID $DEMO --nfe 1 2 --euler-steps 0 | grep FID
-      record ${arm}_s$seed
+      echo "$arm: $(tail -n 1 runs/$name/log.jsonl)"
+      if [ "$(python -c "import json; print(json.load(open('runs/$name/summary.json'))['step'])")" \
+           -lt "$steps" ]; then
+        echo "$arm: not all $steps steps yet; call arms again to resume"; continue
+      fi
+      python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO --nfe 1 2 --euler-steps 0 | grep FID
+      record $name
     done ;;
   *) echo "usage: bash experiments/cifar_ablation.sh teacher SEED | arms SEED STEPS [ARM ...]" >&2
      exit 2 ;;
