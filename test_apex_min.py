@@ -1552,6 +1552,25 @@ def test_toy_ladder_script_at_test_size(tmp_path):
     assert (tmp_path / "assets" / "toy_ladder.png").is_file()
 
 
+def test_readme_cifar_table_is_the_committed_record(tmp_path):
+    """The README's CIFAR-10 table gives, per arm, the per-seed and mean +- std FID of
+    results/cifar_ablation.json, and `cifar_ablation.py collect` rebuilds that record from the
+    per-run records."""
+    ablation = _experiment("cifar_ablation")
+    merged = json.load(open(os.path.join(HERE, "results", "cifar_ablation.json")))
+    assert ablation.merge() == merged
+    readme = open(os.path.join(HERE, "README.md")).read()
+    rows = {"consistency": "| `--objective consistency`", "gen0": "| APEX, generator term off",
+            "apex_released": "| APEX as released", "apex_best": "| `apex_best`"}
+    for arm, label in rows.items():
+        (line,) = [l for l in readme.splitlines() if l.startswith(label)]
+        runs = sorted(merged["arms"][arm], key=lambda r: r["seed"])
+        seeds = " / ".join(f"{r['fid10k_nfe1']:.1f}" for r in runs)
+        m1, s1 = ablation.mean_std([r["fid10k_nfe1"] for r in runs])
+        m2, s2 = ablation.mean_std([r["fid10k_nfe2"] for r in runs])
+        assert seeds in line and f"{m1:.1f} +- {s1:.1f}" in line and f"{m2:.1f} +- {s2:.1f}" in line, line
+
+
 def test_toy_tuning_script_at_test_size(tmp_path):
     """python experiments/toy_tuning.py, run as a reader runs it (from the repository root)."""
     done = subprocess.run([sys.executable, "experiments/toy_tuning.py", "--fast", "--out",
