@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import platform
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -64,7 +65,7 @@ class Config:  # one field per flag; the comments are the --help texts (field_he
     gen_norm: str = "clamp"       # clamp (released) | dmd: the correction normalised as DMD's
     gen_s_min: float = 0.0        # the term's s ~ U(gen_s_min, gen_s_max); released: U(0, 1)
     gen_s_max: float = 1.0
-    polish_from: float = 0.0      # > 0: the term only from this share of max_steps (scheduled)
+    polish_from: float = 0.0      # > 0: the term only from this share of the steps (scheduled)
     onestep_weight: float = 1.0   # weight of the one-step rows' loss (0 while polishing)
     label_dropout: float = 0.1    # share of labels replaced by the null class
     paper_lambda: float = 0.5     # lambda of Eq. (17) for --objective paper (the paper gives none)
@@ -75,9 +76,10 @@ class Config:  # one field per flag; the comments are the --help texts (field_he
     grad_clip: float = 1.0
     ema_decay: float = 0.99       # target decay of the warm-up EMA (step 8)
     warmup_steps: int = 0         # linear learning-rate warm-up
-    lr_schedule: str = "constant" # constant (released) | cosine: decay to 0 over max_steps
+    lr_schedule: str = "constant" # constant (released) | cosine: decay to 0 over the steps
     max_steps: int = 300          # stop after this many steps (0 = no limit)
-    minutes: float = 0.0          # training minutes, from the end of the first (compiling) step
+    minutes: float = 0.0          # training minutes in all, a resumed run's included (compiling not)
+    flow_share: float = 0.0       # > 0: flow matching first for this share of the budget (out_dir/flow)
     compile: bool = False         # torch.compile the network (CUDA)
     init_from: str = ""           # start from this checkpoint's EMA weights (an --objective fm run)
     tune: str = "full"            # full | lora: train every weight, or low-rank adapters only
@@ -104,7 +106,9 @@ def validate(c: Config) -> None:  # ValueError: one readable sentence
         (c.device in ("auto", "cpu", "cuda") and c.dataset in ("cifar", "shapes"),
          "--device must be auto, cpu or cuda, --dataset cifar or shapes"),
         (c.tune in ("full", "lora") and c.lora_rank >= 1, "--tune full|lora, --lora-rank >= 1"),
-        (c.tune == "full" or c.init_from, "--tune lora needs --init-from CKPT (a base model)"),
+        (c.tune == "full" or c.init_from or c.flow_share, "--tune lora needs a base: --init-from CKPT"),
+        (0 <= c.flow_share < 1 and not (c.flow_share and (c.init_from or c.objective == "fm")),
+         "--flow-share in [0, 1), and not with --init-from or --objective fm"),
         (c.image_size % c.patch_size == 0, "--image-size must be a multiple of --patch-size"),
         (c.dim % c.heads == 0, "--dim must be a multiple of --heads"),
         (min(c.dim, c.depth, c.heads, c.patch_size, c.num_classes) > 0, "sizes must be > 0"),
@@ -116,8 +120,6 @@ def validate(c: Config) -> None:  # ValueError: one readable sentence
          "--gen-norm clamp|dmd, 0 <= --gen-s-min < --gen-s-max <= 1"),
         (0 <= c.polish_from < 1 and c.lr_schedule in ("constant", "cosine"),
          "--polish-from in [0, 1), --lr-schedule constant|cosine"),
-        ((c.polish_from == 0 and c.lr_schedule == "constant") or c.max_steps > 0,
-         "--polish-from and --lr-schedule cosine need --max-steps"),
         ((c.shift_a, c.shift_b) != (1.0, 0.0), "--shift-a 1 --shift-b 0: c_fake = c, no fake branch"),
         (c.max_steps >= 0 and c.minutes >= 0, "--max-steps and --minutes must be >= 0"),
         (c.max_steps > 0 or c.minutes > 0, "set a budget: --max-steps or --minutes"),
@@ -646,7 +648,7 @@ def setup(cfg: Config) -> SimpleNamespace:
               f"branches start coupled, which diverged on CIFAR-10 (docs/results.md)", file=sys.stderr)
     trainable = [p for p in net.parameters() if p.requires_grad]
     run = SimpleNamespace(net=net, ema=EMA(net, cfg.ema_decay), trainable=trainable, step=0,
-                          train_seconds=0.0, data=data, device=device, rank=rank, world=world,
+                          train_seconds=0.0, data=data, device=device, rank=rank, world=world, planned=0,
                           path=os.path.join(cfg.out_dir, "ckpt.pt"))
     run.opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, cfg.beta2),
                                 weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -677,6 +679,7 @@ def resume(run: SimpleNamespace, cfg: Config) -> None:
     run.ema.model.load_state_dict(ckpt["ema"])
     run.opt.load_state_dict(ckpt["opt"])
     run.ema.decay, run.step = ckpt["ema_decay"], ckpt["step"]
+    run.planned = ckpt["config"].get("max_steps", 0) if cfg.minutes and not cfg.max_steps else 0
     run.train_seconds = ckpt.get("train_seconds", 0.0)   # checkpoints before the field: 0
     if run.rank == 0:  # exact continuation on one process; other ranks get fresh, distinct streams
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -689,8 +692,9 @@ def scheduled(cfg: Config, step: int, total: int) -> Config:
     """The objective's settings at a step. NOTE(deviation), option --polish-from f > 0: the
     generator term is off before step f * total; from then on it is on and the one-step rows carry
     no consistency loss, so only the correction moves the one-step output (with a decaying
-    learning rate, the small late steps at which the exact correction was measured to help)."""
-    if cfg.polish_from <= 0:
+    learning rate, the small late steps at which the exact correction was measured to help).
+    total = 0: not planned yet (plan_steps), the term off."""
+    if cfg.polish_from <= 0 or total == 0:
         return cfg
     on = step >= cfg.polish_from * total
     return dataclasses.replace(cfg, gen_weight=cfg.gen_weight if on else 0.0,
@@ -698,7 +702,7 @@ def scheduled(cfg: Config, step: int, total: int) -> Config:
 
 def train_step(run: SimpleNamespace, net_fn, targets_fn, x, y, cfg: Config, autocast):
     lr = cfg.lr * min(1.0, (run.step + 1) / max(1, cfg.warmup_steps))   # linear warm-up, then
-    if cfg.lr_schedule == "cosine":  # constant (released); NOTE(deviation), option: cosine
+    if cfg.lr_schedule == "cosine" and cfg.max_steps:  # constant (released); NOTE(deviation): cosine
         lr *= 0.5 * (1 + math.cos(math.pi * run.step / cfg.max_steps))
     for group in run.opt.param_groups:
         group["lr"] = lr
@@ -717,6 +721,17 @@ def train_step(run: SimpleNamespace, net_fn, targets_fn, x, y, cfg: Config, auto
     run.ema.update(run.net)
     run.step += 1
     return loss.detach(), terms
+
+def plan_steps(run: SimpleNamespace, cfg: Config, seconds: float, timed: int, spent: float) -> Config:
+    """--minutes without --max-steps: the cosine rate and --polish-from need a length. After
+    `timed` steps taking `seconds` (`spent` trained in all), it becomes the steps that the rest of
+    the budget holds at that speed (rank 0's estimate, on every rank), and that count, not the
+    clock, ends the run; the checkpoint's config keeps it for --resume."""
+    left = 60 * cfg.minutes - spent
+    steps = torch.tensor(run.step + int(timed / seconds * left), device=run.device)
+    if run.world > 1:
+        dist.broadcast(steps, 0)
+    return dataclasses.replace(cfg, max_steps=max(int(steps), run.step + 1))
 
 def write_json(path: str, value: dict, append: bool = False) -> None:  # append: a JSON-lines log
     with open(path, "a" if append else "w") as f:
@@ -763,11 +778,16 @@ def train(cfg: Config) -> dict:
     """Train with cfg, as one process or under torchrun; returns the summary. Writes to
     cfg.out_dir: config.json, env.json, ckpt.pt (every ckpt_every steps), log.jsonl (every
     log_every steps: the terms, `gap` being the fake branch's health signal, and img/s), and at
-    the end summary.json and sample grids. Clocks start after the first (compiling) step."""
+    the end summary.json and sample grids. Clocks start after the first (compiling) step. Ctrl-C
+    (SIGINT) ends the run with a checkpoint, as --minutes does; --resume continues it."""
     from tqdm import tqdm
     validate(cfg)
     run = setup(cfg)
     main = run.rank == 0
+    if run.planned:   # a resumed run whose length plan_steps fixed: steps, not the clock, end it
+        cfg = dataclasses.replace(cfg, max_steps=run.planned)
+    by_clock = cfg.minutes > 0 and not run.planned
+    plan = by_clock and not cfg.max_steps and (cfg.lr_schedule == "cosine" or cfg.polish_from > 0)
     if main:
         write_json(f"{cfg.out_dir}/config.json", dataclasses.asdict(cfg))
         write_json(f"{cfg.out_dir}/env.json", {**environment(), "world_size": run.world})
@@ -779,22 +799,36 @@ def train(cfg: Config) -> dict:
     stop, terms, img_per_s, warmup = "max-steps", {}, 0.0, 0.0
     first = last_step = run.step
     t_start = t0 = last_t = time.time()
+    ctrl_c = []
+
+    def on_ctrl_c(*_):   # the first Ctrl-C ends the run at the next log step, with a checkpoint
+        ctrl_c.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # a second one: at once
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         while cfg.max_steps == 0 or run.step < cfg.max_steps:
             x, y = run.data.batch(cfg.batch_size // run.world)
             loss, terms = train_step(run, net_fn, targets_fn, x, y, cfg, autocast)
             bad |= ~torch.isfinite(loss)
             bar.update(1)
+            if run.step in (first + 1, first + 21) and run.device.type == "cuda":
+                torch.cuda.synchronize()
             if run.step == first + 1:
-                if run.device.type == "cuda":
-                    torch.cuda.synchronize()
                 t0 = last_t = time.time()
                 warmup, last_step = t0 - t_start, run.step
+            if plan and run.step == first + 21:
+                spent = run.train_seconds + time.time() - last_t
+                cfg, plan, by_clock = plan_steps(run, cfg, time.time() - t0, 20, spent), False, False
+                bar.total = cfg.max_steps
+                if main:
+                    write_json(f"{cfg.out_dir}/config.json", dataclasses.asdict(cfg))
             at_log, at_ckpt = run.step % cfg.log_every == 0, run.step % cfg.ckpt_every == 0
             if not (at_log or at_ckpt):
                 continue
-            time_up = cfg.minutes > 0 and time.time() - t0 > 60 * cfg.minutes
-            flags = torch.stack([bad.float(), torch.tensor(float(time_up), device=run.device)])
+            time_up = by_clock and run.train_seconds + time.time() - last_t > 60 * cfg.minutes
+            stops = torch.tensor([time_up, bool(ctrl_c)], dtype=torch.float, device=run.device)
+            flags = torch.cat([bad.float()[None], stops])
             if run.world > 1:  # every rank stops together
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0] > 0:
@@ -810,13 +844,15 @@ def train(cfg: Config) -> dict:
                     img_per_s, 1), "train_seconds": round(run.train_seconds, 2)}, append=True)
             if main and at_ckpt:
                 save_outputs(run, cfg, grids=False)
-            if flags[1] > 0:
-                stop = "minutes"
+            if flags[1:].any():
+                stop = "minutes" if flags[1] > 0 else "interrupted"
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # a second Ctrl-C: at once, mid-step
         stop = "interrupted"
     except FloatingPointError:
         stop = "non-finite loss"
+    finally:
+        signal.signal(signal.SIGINT, previous)
     bar.close()
     if stop == "non-finite loss" or bool(bad):
         raise SystemExit(f"error: non-finite loss before step {run.step}; stopped. The last good "
@@ -838,6 +874,26 @@ def train(cfg: Config) -> dict:
         dist.destroy_process_group()
     if stop == "interrupted":
         raise SystemExit(130)
+    return summary
+
+def train_stages(cfg: Config) -> dict:
+    """--flow-share f: flow matching for f of the budget (--minutes and --max-steps alike) in
+    out_dir/flow, then cfg's objective from its EMA for the rest in out_dir; both runs are kept.
+    --resume continues whichever stage was cut off."""
+    if not cfg.flow_share:
+        return train(cfg)
+    def stage(share: float, **fields) -> Config:
+        out = dataclasses.replace(cfg, minutes=cfg.minutes * share, flow_share=0.0, **fields,
+                                  max_steps=round(cfg.max_steps * share))
+        return dataclasses.replace(out, resume=cfg.resume and os.path.exists(f"{out.out_dir}/ckpt.pt"))
+    flow = stage(cfg.flow_share, objective="fm", out_dir=os.path.join(cfg.out_dir, "flow"),
+                 lr_schedule="constant", polish_from=0.0, tune="full")
+    done = os.path.exists(f"{flow.out_dir}/summary.json") and cfg.resume
+    first = json.load(open(f"{flow.out_dir}/summary.json")) if done else train(flow)
+    summary = train(stage(1 - cfg.flow_share, init_from=f"{flow.out_dir}/ckpt.pt"))
+    summary["train_seconds_total"] = round(first["train_seconds"] + summary["train_seconds"], 1)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_json(f"{cfg.out_dir}/summary.json", summary)
     return summary
 
 # 9. Command line: argparse generated from the Config dataclass
@@ -875,4 +931,4 @@ if __name__ == "__main__":
     if config.merge_lora:
         print(f"wrote {export_merged(config.merge_lora)}")
     else:
-        train(config)
+        train_stages(config)

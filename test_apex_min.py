@@ -781,6 +781,35 @@ def test_save_resume_continue_equals_an_uninterrupted_run(tmp_path):
     assert not torch.equal(a["model"]["out.weight"], torch.zeros_like(a["model"]["out.weight"]))
 
 
+def test_minutes_with_cosine_plan_a_length_that_ends_the_run_and_survives_resume(tmp_path):
+    """--minutes without --max-steps under a cosine rate: after 20 timed steps the length is fixed
+    (config.json and the checkpoint), the run ends at exactly that step, and --resume keeps it."""
+    cfg = run_config(tmp_path, max_steps=0, minutes=0.02, lr_schedule="cosine", polish_from=0.5)
+    summary = apex_min.train(cfg)
+    planned = json.load(open(tmp_path / "config.json"))["max_steps"]
+    assert planned > 21 and summary["step"] == planned and summary["stop"] == "max-steps"
+    assert apex_min.load_checkpoint(str(tmp_path / "ckpt.pt"))["config"]["max_steps"] == planned
+    assert apex_min.train(dataclasses.replace(cfg, resume=True))["step"] == planned   # no step more
+    unplanned = apex_min.Config(max_steps=0, polish_from=0.5)          # before the plan: term off
+    assert apex_min.scheduled(unplanned, 5, 0) is unplanned
+
+
+def test_flow_share_trains_a_flow_stage_then_the_objective_from_it(tmp_path):
+    """--flow-share 0.4 of 10 steps: 4 flow-matching steps in out_dir/flow, then 6 APEX steps
+    started from that run's EMA in out_dir; both checkpoints stay, the summary adds the times."""
+    summary = apex_min.train_stages(run_config(tmp_path, max_steps=10, flow_share=0.4))
+    flow = apex_min.load_checkpoint(str(tmp_path / "flow" / "ckpt.pt"))
+    tuned = apex_min.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert (flow["config"]["objective"], flow["step"]) == ("fm", 4)
+    assert (tuned["config"]["objective"], tuned["step"]) == ("apex", 6)
+    assert tuned["config"]["init_from"] == str(tmp_path / "flow" / "ckpt.pt")
+    first = json.load(open(tmp_path / "flow" / "summary.json"))["train_seconds"]
+    assert summary["train_seconds_total"] == round(first + summary["train_seconds"], 1)
+    assert json.load(open(tmp_path / "summary.json"))["train_seconds_total"] == summary["train_seconds_total"]
+    with pytest.raises(ValueError, match="flow-share"):
+        apex_min.validate(run_config(tmp_path, flow_share=0.4, init_from="x.pt"))
+
+
 def test_run_leaves_one_loadable_checkpoint_and_no_temp_file(tmp_path):
     apex_min.train(run_config(tmp_path, max_steps=2))
     assert not list(tmp_path.glob("*.tmp"))
@@ -863,6 +892,45 @@ def test_sigkill_at_random_moments_then_resume_loses_at_most_one_interval(tmp_pa
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == step + 3
     assert not tmp.exists()
     print(f"{kills} kills survived, {during_write} inside a checkpoint write")
+
+
+def test_ctrl_c_ends_the_run_at_a_step_with_a_checkpoint_and_resume_continues(tmp_path):
+    """SIGINT: the run stops at the next log step, saves its checkpoint there (exit code 130,
+    summary stop "interrupted"); --resume then continues exactly as a run never interrupted."""
+    import signal
+    flags = ["apex_min.py", "--device", "cpu", "--image-size", "8", "--dim", "32", "--depth", "1",
+             "--heads", "2", "--num-classes", "3", "--batch-size", "8", "--log-every", "3",
+             "--ckpt-every", "1000"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, *flags, "--max-steps", "100000", "--out-dir", str(cut)],
+                            cwd=HERE, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(logged_steps(cut / "log.jsonl")) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    summary = json.loads((cut / "summary.json").read_text())
+    step = apex_min.load_checkpoint(str(cut / "ckpt.pt"))["step"]
+    assert summary["stop"] == "interrupted" and summary["step"] == step and step % 3 == 0
+    more = ["--max-steps", str(step + 3)]
+    for out, resume in ((cut, ["--resume"]), (tmp_path / "whole", [])):
+        done = subprocess.run([sys.executable, *flags, *more, "--out-dir", str(out), *resume], cwd=HERE,
+                              env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (apex_min.load_checkpoint(str(out / "ckpt.pt")) for out in (cut, tmp_path / "whole"))
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=1e-7, msg=name)
+
+
+def test_minutes_count_the_training_of_a_resumed_run(tmp_path):
+    """--minutes is the run's budget in all: resumed with the budget spent, it stops at the first
+    log step; with more minutes it trains on."""
+    first = apex_min.train(run_config(tmp_path, max_steps=0, minutes=0.01, log_every=2))
+    again = apex_min.train(run_config(tmp_path, max_steps=0, minutes=0.01, log_every=2, resume=True))
+    assert first["stop"] == again["stop"] == "minutes" and again["step"] == first["step"] + 2
+    more = apex_min.train(run_config(tmp_path, max_steps=0, minutes=0.03, log_every=2, resume=True))
+    assert more["step"] > again["step"] + 2 and more["train_seconds"] >= 0.03 * 60
 
 
 @pytest.mark.parametrize("max_steps", [10, 5])   # caught at a log step / by the final check

@@ -5,8 +5,8 @@
 #   bash experiments/cifar_ablation.sh arms SEED STEPS [ARM ...]   # the arms (default: all), at once
 # A seed is one whole pipeline (teacher and tuning). The arms run side by side on the GPU, so their
 # budget is a step count, not seconds; img/s in their records is measured under that sharing.
-# CALL_MIN=m stops the arms after m training minutes; calling `arms` again resumes them (exactly:
-# one process each), and an arm is evaluated once it has all its steps. TAG names a schedule
+# CALL_SECONDS=s interrupts the arms after s seconds (SIGINT: each saves its checkpoint); calling
+# `arms` again resumes them (exactly: one process each); an arm is evaluated once it has all steps. TAG names a schedule
 # (runs/ARM$TAG_sSEED, e.g. TAG=-2k for 2000 steps); EULER=0 skips the teacher's 50-step FID.
 # Every arm uses the cosine learning-rate decay over its steps (the polish schedule of apex_best
 # relies on it), so the arms differ only in the objective.
@@ -81,8 +81,9 @@ case "${1:-}" in
       more=""
       [ -f runs/$name/ckpt.pt ] && more="--resume"
       rm -f runs/$name/summary.json
-      python apex_min.py --dataset cifar --init-from runs/teacher_s$seed/ckpt.pt $more --seed $seed --minutes ${CALL_MIN:-0} \
-        --max-steps $steps --lr-schedule cosine --out-dir runs/$name $TRAIN ${ARMS[$arm]} \
+      timeout -s INT ${CALL_SECONDS:-0} python apex_min.py --dataset cifar $more --seed $seed \
+        --init-from runs/teacher_s$seed/ckpt.pt --max-steps $steps --ckpt-every 200 \
+        --lr-schedule cosine --out-dir runs/$name $TRAIN ${ARMS[$arm]} \
         >> runs/$name.log 2>&1 &
     done
     wait
