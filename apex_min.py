@@ -888,8 +888,10 @@ def train_stages(cfg: Config) -> dict:
         return dataclasses.replace(out, resume=cfg.resume and os.path.exists(f"{out.out_dir}/ckpt.pt"))
     flow = stage(cfg.flow_share, objective="fm", out_dir=os.path.join(cfg.out_dir, "flow"),
                  lr_schedule="constant", polish_from=0.0, tune="full")
-    done = os.path.exists(f"{flow.out_dir}/summary.json") and cfg.resume
-    first = json.load(open(f"{flow.out_dir}/summary.json")) if done else train(flow)
+    path = f"{flow.out_dir}/summary.json"
+    first = json.load(open(path)) if cfg.resume and os.path.exists(path) else {"stop": "interrupted"}
+    if first["stop"] == "interrupted":   # not run, or cut off (Ctrl-C)
+        first = train(flow)
     summary = train(stage(1 - cfg.flow_share, init_from=f"{flow.out_dir}/ckpt.pt"))
     summary["train_seconds_total"] = round(first["train_seconds"] + summary["train_seconds"], 1)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -1639,6 +1639,37 @@ def test_readme_cifar_table_is_the_committed_record(tmp_path):
         assert seeds in line and f"{m1:.1f} +- {s1:.1f}" in line and f"{m2:.1f} +- {s2:.1f}" in line, line
 
 
+def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(tmp_path, monkeypatch):
+    """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
+    and flow stage; the curve pairs each `curve` run with the `fm` run of the same minutes; MFU is
+    step_flops * img/s / peak."""
+    budget = _experiment("cifar_budget")
+    monkeypatch.setattr(budget, "RECORDS", str(tmp_path))
+    def record(objective, minutes, fid, flow_minutes=None, euler=None):
+        cfg = dataclasses.asdict(apex_min.Config(**{**apex_min.PRESETS["cifar"], "objective": objective,
+                                                     "minutes": minutes}))
+        scores = {"1 NFE": {"fid": fid}, "2 NFE": {"fid": fid / 2}, **({"Euler 50": {"fid": euler}} if euler else {})}
+        out = {"config": cfg, "env": {"gpu": "G"}, "fid": {"fid": scores},
+               "summary": {"img_per_s_mean": 1000.0, "train_seconds": 60 * minutes, "step": 10}}
+        if flow_minutes:
+            out["flow_stage"] = {"config": {"minutes": flow_minutes}}
+            out["summary"]["train_seconds_total"] = 60 * (minutes + flow_minutes)
+        return out
+    for name, rec in (("curve_5.5min", record("apex", 3.3, 40.0, flow_minutes=2.2)),
+                      ("fm_5.5min", record("fm", 5.5, 300.0, euler=45.0)),
+                      ("fm_11min", record("fm", 11, 250.0, euler=30.0))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    merged = budget.merge(peak=500.0)
+    (curve,) = merged["curve"]
+    assert curve == {"minutes": 5.5, "recipe": curve["recipe"], "fid10k": {"1": 40.0, "2": 20.0},
+                     "fm_euler50": 45.0, "fm_nfe1": 300.0}
+    assert curve["recipe"].startswith("flow_share=0.4 objective=apex")
+    run = next(r for r in merged["runs"] if r["name"] == "curve_5.5min")
+    assert run["train_seconds_total"] == 330.0 and run["fid50k"] is None
+    flops = cifar_demo.step_flops(apex_min.Config(**apex_min.PRESETS["cifar"]))
+    assert run["mfu"] == round(flops * 1000.0 / 500e12, 4)
+
+
 def test_toy_tuning_script_at_test_size(tmp_path):
     """python experiments/toy_tuning.py, run as a reader runs it (from the repository root)."""
     done = subprocess.run([sys.executable, "experiments/toy_tuning.py", "--fast", "--out",

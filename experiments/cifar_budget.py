@@ -1,0 +1,115 @@
+"""Merge the records of experiments/cifar_budget.sh into results/cifar_budget.json, and plot it.
+
+    python experiments/cifar_budget.py collect DIR [DIR ...]   # folders holding NAME_Mmin.json
+    python experiments/cifar_budget.py plot                      # assets/cifar_fid_vs_time.png
+
+Every record is a run (`runs`). The curve joins, at each budget, the run named `curve...` (the
+chosen recipe) with the flow-matching run named `fm...` at the same minutes (its Euler-50 and
+1-NFE FID). A record's budget is the MINUTES of its name. MFU is the step's analytic FLOPs (cifar_demo.step_flops) times the mean img/s of the
+run's last stage, over the bf16 peak measured on the same kind of GPU (--peak-tflops, default the
+peak in results/speed/profile_apex.json).
+"""
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import apex_min  # noqa: E402
+import cifar_demo  # noqa: E402
+
+RECORDS = os.path.join(ROOT, "results", "cifar_budget")
+MERGED = os.path.join(ROOT, "results", "cifar_budget.json")
+FIGURE = os.path.join(ROOT, "assets", "cifar_fid_vs_time.png")
+
+
+def recipe(cfg: dict, flow_share: float) -> str:  # the settings that tell the runs apart
+    if cfg["objective"] == "fm":
+        return "fm"
+    keys = ("objective", "lr_schedule", "polish_from", "gen_s_min", "gen_s_max", "gen_weight")
+    return f"flow_share={flow_share:g} " + " ".join(f"{k}={cfg[k]}" for k in keys)
+
+
+def fids(result: dict, key: str = "fid") -> dict:
+    return {nfe: round(result[key]["fid"][f"{nfe} NFE"]["fid"], 2) for nfe in ("1", "2")}
+
+
+def run_row(name: str, record: dict, peak: float) -> dict:
+    cfg, summary = record["config"], record["summary"]
+    minutes = float(name.rsplit("_", 1)[1].removesuffix("min"))       # the budget of the command
+    flow = record["flow_stage"]["config"]["minutes"] if "flow_stage" in record else 0.0
+    img_s = summary["img_per_s_mean"]
+    mfu = cifar_demo.step_flops(apex_min.Config(**cfg)) * img_s / (peak * 1e12)
+    return {"name": name, "recipe": recipe(cfg, flow / minutes), "minutes": minutes,
+            "train_seconds_total": summary.get("train_seconds_total", summary["train_seconds"]),
+            "steps": summary["step"], "fid10k": fids(record),
+            "fid50k": fids(record, "fid_fid50k") if "fid_fid50k" in record else None,
+            "fm_euler50": round(record["fid"]["fid"]["Euler 50"]["fid"], 2) if "Euler 50" in record["fid"]["fid"] else None,
+            "img_per_s": img_s, "mfu": round(mfu, 4), "gpu": record["env"]["gpu"]}
+
+
+def merge(peak: float) -> dict:
+    runs = [run_row(name.removesuffix(".json"), json.load(open(os.path.join(RECORDS, name))), peak)
+            for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")]
+    fm = {r["minutes"]: r for r in runs if r["recipe"] == "fm"}
+    curve = [{"minutes": r["minutes"], "recipe": r["recipe"], "fid10k": r["fid10k"],
+              "fm_euler50": fm[r["minutes"]]["fm_euler50"] if r["minutes"] in fm else None,
+              "fm_nfe1": fm[r["minutes"]]["fid10k"]["1"] if r["minutes"] in fm else None}
+             for r in sorted(runs, key=lambda r: r["minutes"]) if r["name"].startswith("curve")]
+    return {"runs": runs, "curve": curve, "peak_bf16_tflops": peak}
+
+
+def plot(merged: dict, path: str = FIGURE) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curve = merged["curve"]
+    minutes = [p["minutes"] for p in curve]
+    for label, values, style in (("APEX, 1 NFE", [p["fid10k"]["1"] for p in curve], "o-"),
+                                 ("APEX, 2 NFE", [p["fid10k"]["2"] for p in curve], "s-"),
+                                 ("flow matching, Euler 50", [p["fm_euler50"] for p in curve], "^--"),
+                                 ("flow matching, 1 NFE", [p["fm_nfe1"] for p in curve], "v:")):
+        points = [(m, v) for m, v in zip(minutes, values) if v is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="training minutes (compilation not counted)",
+           ylabel="FID-10k", title=f"CIFAR-10, one {merged['runs'][0]['gpu'] if merged['runs'] else 'GPU'}")
+    ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    peak = None
+    if "--peak-tflops" in argv:
+        i = argv.index("--peak-tflops")
+        peak, argv = float(argv[i + 1]), argv[:i] + argv[i + 2:]
+    if not argv or argv[0] not in ("collect", "plot") or (argv[0] == "collect" and len(argv) < 2):
+        raise SystemExit("usage: python experiments/cifar_budget.py collect DIR... | plot [--peak-tflops P]")
+    if argv[0] == "collect":
+        peak = peak or json.load(open(os.path.join(ROOT, "results", "speed", "profile_apex.json")))["peak_bf16_tflops"]
+        os.makedirs(RECORDS, exist_ok=True)
+        for folder in argv[1:]:
+            for name in sorted(os.listdir(folder)):
+                if name.endswith("min.json"):
+                    shutil.copy(os.path.join(folder, name), os.path.join(RECORDS, name))
+        with open(MERGED, "w") as f:
+            json.dump(merge(peak), f, indent=1)
+        print(f"wrote {MERGED}")
+    merged = json.load(open(MERGED))
+    for r in merged["runs"]:
+        print(f"{r['name']:24s} {r['train_seconds_total']:7.1f} s  FID-10k {r['fid10k']['1']:7.2f} / "
+              f"{r['fid10k']['2']:7.2f}  {r['img_per_s']:7.0f} img/s  MFU {100 * r['mfu']:4.1f}%  {r['recipe']}")
+    if argv[0] == "plot":
+        plot(merged)
+
+
+if __name__ == "__main__":
+    main()

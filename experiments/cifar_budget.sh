@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# CIFAR-10 against training time: train a run to a budget of training minutes (compilation not
+# counted), then FID-10k of its EMA weights at 1 and 2 NFE without guidance (and 50 Euler steps
+# for flow matching); FID50K=1 adds FID-50k (5,000 per class) at 1 and 2 NFE.
+#   bash experiments/cifar_budget.sh run NAME MINUTES [FLAGS ...]   # apex_min.py --dataset cifar
+# A run that exists is resumed; --minutes counts all of its training, so calling again with more
+# minutes extends a flow-matching run (constant rate), which is how one run gives every point of
+# the flow-matching curve. An APEX run with the cosine schedule plans its steps for its own
+# budget: each point of its curve is a run of its own. CALL_SECONDS=s interrupts the training
+# after s seconds (SIGINT: it saves a checkpoint); call again to resume. The record
+# $OUT/NAME_MINUTESmin.json holds config, env, summary (train_seconds_total for two stages), the
+# flow stage's summary, the FIDs and the log; `python experiments/cifar_budget.py collect DIR...`
+# merges the records into results/cifar_budget.json. TINY=1: CPU smoke test (see cifar_common.sh).
+source "$(dirname "$0")/cifar_common.sh"
+[ "${1:-}" = run ] && [ $# -ge 3 ] || {
+  echo "usage: bash experiments/cifar_budget.sh run NAME MINUTES [FLAGS ...]" >&2; exit 2; }
+name=$2 minutes=$3
+shift 3
+data
+eval_dir=runs/$name/eval_${minutes}min
+if [ ! -f $eval_dir/fid_results.json ]; then
+  resume=""
+  [ -f runs/$name/ckpt.pt ] || [ -f runs/$name/flow/ckpt.pt ] && resume="--resume"
+  rm -f runs/$name/summary.json
+  set +e
+  timeout -s INT ${CALL_SECONDS:-0} python apex_min.py --dataset cifar --minutes $minutes \
+    --out-dir runs/$name $resume $TRAIN "$@" >> runs/$name.log 2>&1
+  rc=$?
+  set -e
+  if [ $rc -eq 124 ] || [ $rc -eq 130 ]; then echo "$name: interrupted; call again to resume"; exit 0; fi
+  if [ $rc -ne 0 ]; then echo "$name failed:"; tail -c 3000 runs/$name.log; exit 1; fi
+  tail -n 1 runs/$name/log.jsonl
+  euler=0
+  grep -q '"objective": "fm"' runs/$name/config.json && euler=50
+  python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO --nfe 1 2 --euler-steps $euler \
+    --out $eval_dir | grep FID
+fi
+fids=($eval_dir)
+if [ "${FID50K:-0}" = 1 ]; then
+  big=$eval_dir/fid50k
+  [ -f $big/fid_results.json ] || python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO \
+    --nfe 1 2 --euler-steps 0 --num-per-class ${PER_CLASS_50K:-5000} --out $big | grep FID
+  fids+=($big)
+fi
+record runs/$name $OUT/${name}_${minutes}min.json "${fids[@]}"
