@@ -810,6 +810,17 @@ def test_flow_share_trains_a_flow_stage_then_the_objective_from_it(tmp_path):
         apex_min.validate(run_config(tmp_path, flow_share=0.4, init_from="x.pt"))
 
 
+def test_flow_share_resume_finishes_a_flow_stage_cut_off_by_ctrl_c(tmp_path):
+    """A flow stage stopped by Ctrl-C (summary stop "interrupted") is resumed to its share, then
+    the second stage runs: the same steps as a run never cut off."""
+    apex_min.train(run_config(tmp_path / "flow", objective="fm", max_steps=2))
+    summary = json.load(open(tmp_path / "flow" / "summary.json"))
+    apex_min.write_json(tmp_path / "flow" / "summary.json", {**summary, "stop": "interrupted"})
+    apex_min.train_stages(run_config(tmp_path, max_steps=10, flow_share=0.4, resume=True))
+    assert apex_min.load_checkpoint(str(tmp_path / "flow" / "ckpt.pt"))["step"] == 4
+    assert apex_min.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 6
+
+
 def test_run_leaves_one_loadable_checkpoint_and_no_temp_file(tmp_path):
     apex_min.train(run_config(tmp_path, max_steps=2))
     assert not list(tmp_path.glob("*.tmp"))
