@@ -1629,6 +1629,12 @@ def test_toy_ladder_script_at_test_size(tmp_path):
         for target in ("ring", "grid"):
             assert set(record["rungs"][name][target]) >= {"sw1", "share3", "coverage"}
     assert (tmp_path / "assets" / "toy_ladder.png").is_file()
+    done = subprocess.run([sys.executable, "experiments/toy_ladder.py", "--fast", "--rungs", "core", "--steps",
+                           "12", "--out", str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=120)                  # another length: its own record
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "results" / "toy_ladder_steps12.json").read_text())
+    assert list(record["rungs"]) == list(toy_ladder.CORE) and record["settings"]["steps"] == 12
 
 
 def test_readme_cifar_table_is_the_committed_record(tmp_path):

@@ -2,6 +2,8 @@
 
     python experiments/toy_ladder.py            # 13 rungs, ~9 min on 2 cores; results/toy_ladder.json
     python experiments/toy_ladder.py --rungs all  # 17: also the scan's EXTRA rungs (~12 min)
+    python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~7 min),
+                                                # results/toy_ladder_steps3000.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
     python experiments/toy_ladder.py --report   # the table of the committed record only
 
@@ -62,6 +64,7 @@ RUNGS = {  # name: (objective, Config overrides, oracle)
 }
 
 
+CORE = ("consistency", "gen0", "apex_released", "polish/gen0", "oracle_both", "apex_best")
 EXTRA = ("released/oracle_both/clamp/w2", "released/oracle_both/dmd/w2",  # --rungs all only
          "polish/oracle_real/dmd/w2", "polish/oracle_fake/dmd/w2")
 
@@ -136,13 +139,13 @@ def figure(samples: dict, record: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    targets = list(next(iter(samples.values())))
-    cols = 1 + len(FIGURE)
+    targets, shown = list(next(iter(samples.values()))), [n for n in FIGURE if n in samples]
+    cols = 1 + len(shown)
     fig, ax = plt.subplots(len(targets), cols, figsize=(1.6 * cols, 1.7 * len(targets)), squeeze=False,
                            layout="tight")
     for i, t in enumerate(targets):
         columns = [("target", toy_2d.sample_toy(t, 1500, generator=torch.Generator().manual_seed(0))[0])]
-        for j, (title, x) in enumerate(columns + [(n, samples[n][t]) for n in FIGURE]):
+        for j, (title, x) in enumerate(columns + [(n, samples[n][t]) for n in shown]):
             sw1 = "" if title == "target" else f"\nsw1 {record['rungs'][title][t]['sw1'][0]:.4f}"
             ax[i, j].scatter(*x.T, s=0.4, c=torch.arange(len(x)) % 2, cmap="coolwarm", lw=0)
             ax[i, j].set(xlim=(-1.35, 1.35), ylim=(-1.35, 1.35), xticks=[], yticks=[], aspect="equal")
@@ -151,19 +154,25 @@ def figure(samples: dict, record: dict, path: str) -> None:
     plt.close(fig)
 
 
+def record_name(settings) -> str:  # toy_ladder, or toy_ladder_stepsN at another fine-tuning length
+    default = toy_2d.FAST["steps"] if settings.fast else toy_2d.ToySettings.steps
+    return "toy_ladder" + ("" if settings.steps == default else f"_steps{settings.steps}")
+
+
 def main(argv=None) -> dict:
     p = am.OneLineParser(prog="toy_ladder.py", add_help=False)   # the rest: toy_2d's flags
-    p.add_argument("--rungs", choices=("default", "all"), default="default")
+    p.add_argument("--rungs", choices=("default", "all", "core"), default="default")
     p.add_argument("--report", action="store_true")
     args, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if args.report:   # the table of the committed record, without running
+    if args.report:   # the table of a committed record (--steps N: that length's), without running
+        name = record_name(toy_2d.parse_settings(argv, prog="toy_ladder.py"))
         with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
-                               "toy_ladder.json")) as f:
+                               name + ".json")) as f:
             record = json.load(f)
         print(table(record))
         return record
     settings = toy_2d.parse_settings(argv, prog="toy_ladder.py")
-    chosen = [n for n in RUNGS if args.rungs == "all" or n not in EXTRA]
+    chosen = [n for n in RUNGS if {"all": True, "core": n in CORE}.get(args.rungs, n not in EXTRA)]
     # one alignment measurement, at the end, against a large reference set (4096 per class)
     settings = dataclasses.replace(settings, checkpoints=1, n_ref=settings.n_ref if settings.fast else 8192)
     torch.set_num_threads(1)
@@ -190,10 +199,11 @@ def main(argv=None) -> dict:
     rungs = {name: rungs[name] for name in chosen}                       # in the order of RUNGS
     record = {"rungs": rungs, "settings": dataclasses.asdict(settings), "env": am.environment(),
               "seconds_wall": round(time.time() - start, 1)}
-    path = toy_2d.results_path(settings, "toy_ladder.json")
+    name = record_name(settings)
+    path = toy_2d.results_path(settings, name + ".json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
-    png = toy_2d.results_path(settings, "toy_ladder.png", "assets")
+    png = toy_2d.results_path(settings, name + ".png", "assets")
     figure(samples, record, png)
     print(table(record))
     print(f"\nwrote {path} and {png} ({os.path.getsize(png) / 1024:.0f} KB); "
