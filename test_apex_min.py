@@ -31,7 +31,6 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -977,31 +976,9 @@ def test_resume_with_another_class_count_fails_with_one_message(tmp_path):
     assert "architecture" in str(stop.value) and "\n" not in str(stop.value)
 
 
-RANK_HELPER = """
-import os, sys
-import torch
-import apex_min
-
-made = {}
-build = apex_min.build_model
-def build_and_keep(cfg):
-    made["net"] = build(cfg)
-    return made["net"]
-class KeptEMA(apex_min.EMA):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        made["ema"] = self
-apex_min.build_model, apex_min.EMA = build_and_keep, KeptEMA
-apex_min.train(apex_min.parse_config(sys.argv[1:]))
-rank = os.environ["RANK"]
-torch.save({"model": made["net"].state_dict(), "ema": made["ema"].model.state_dict()},
-           os.path.join(os.environ["RANK_OUT"], f"rank{rank}.pt"))
-"""
-
-
 def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
     helper = tmp_path / "rank_helper.py"
-    helper.write_text(textwrap.dedent(RANK_HELPER))
+    helper.write_text(_experiment("ddp_2gpu").RANK_HELPER)      # saves each rank's final weights
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
            "--preset", "tiny", "--max-steps", "4", "--out-dir", str(out), "--device", "cpu",
@@ -1033,15 +1010,7 @@ def test_a_rank_killed_mid_run_ends_the_whole_torchrun_job(tmp_path):
     while len(logged_steps(out / "log.jsonl")) < 4:
         assert job.poll() is None and time.time() < deadline, "the job did not start"
         time.sleep(0.05)
-    rank1 = None
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            args = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"RANK=1" in env and str(out).encode() in args and b"torch.distributed.run" not in args:
-            rank1 = pid
+    rank1 = _experiment("ddp_2gpu").rank_pid(1, str(out))
     assert rank1 is not None, "no process of rank 1 found"
     start = time.time()
     os.kill(rank1, signal.SIGKILL)
