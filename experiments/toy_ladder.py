@@ -2,7 +2,7 @@
 
     python experiments/toy_ladder.py            # 13 rungs, ~9 min on 2 cores; results/toy_ladder.json
     python experiments/toy_ladder.py --rungs all  # 17: also the scan's EXTRA rungs (~12 min)
-    python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~7 min),
+    python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~9 min),
                                                 # results/toy_ladder_steps3000.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
     python experiments/toy_ladder.py --report   # the table of the committed record only
@@ -64,7 +64,8 @@ RUNGS = {  # name: (objective, Config overrides, oracle)
 }
 
 
-CORE = ("consistency", "gen0", "apex_released", "polish/gen0", "oracle_both", "apex_best")
+CORE = ("consistency", "gen0", "apex_released", "polish/gen0", "oracle_both", "oracle_real", "oracle_fake",
+        "apex_best")
 EXTRA = ("released/oracle_both/clamp/w2", "released/oracle_both/dmd/w2",  # --rungs all only
          "polish/oracle_real/dmd/w2", "polish/oracle_fake/dmd/w2")
 
