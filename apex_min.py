@@ -107,8 +107,7 @@ def validate(c: Config) -> None:  # ValueError: one readable sentence
          "--device must be auto, cpu or cuda, --dataset cifar or shapes"),
         (c.tune in ("full", "lora") and c.lora_rank >= 1, "--tune full|lora, --lora-rank >= 1"),
         (c.tune == "full" or c.init_from or c.flow_share, "--tune lora needs a base: --init-from CKPT"),
-        (0 <= c.flow_share < 1 and not (c.flow_share and (c.init_from or c.objective == "fm")),
-         "--flow-share in [0, 1), and not with --init-from or --objective fm"),
+        (0 <= c.flow_share < 1, "--flow-share must be in [0, 1)"),
         (c.image_size % c.patch_size == 0, "--image-size must be a multiple of --patch-size"),
         (c.dim % c.heads == 0, "--dim must be a multiple of --heads"),
         (min(c.dim, c.depth, c.heads, c.patch_size, c.num_classes) > 0, "sizes must be > 0"),
@@ -879,8 +878,9 @@ def train(cfg: Config) -> dict:
 def train_stages(cfg: Config) -> dict:
     """--flow-share f: flow matching for f of the budget (--minutes and --max-steps alike) in
     out_dir/flow, then cfg's objective from its EMA for the rest in out_dir; both runs are kept.
-    --resume continues whichever stage was cut off."""
-    if not cfg.flow_share:
+    --resume continues whichever stage was cut off. A run of --objective fm, or one that starts from
+    --init-from (the flow model is given), has one stage: a preset's share does not apply."""
+    if not cfg.flow_share or cfg.init_from or cfg.objective == "fm":
         return train(cfg)
     def stage(share: float, **fields) -> Config:
         out = dataclasses.replace(cfg, minutes=cfg.minutes * share, flow_share=0.0, **fields,
@@ -926,6 +926,8 @@ def parse_config(argv=None) -> Config:  # defaults < preset < flags
         validate(cfg)
     except ValueError as e:
         p.error(str(e))
+    if args.get("flow_share") and (cfg.init_from or cfg.objective == "fm"):
+        p.error("--flow-share adds a flow stage to a run from scratch; not with --init-from, --objective fm")
     return cfg
 
 if __name__ == "__main__":

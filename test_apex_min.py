@@ -805,8 +805,10 @@ def test_flow_share_trains_a_flow_stage_then_the_objective_from_it(tmp_path):
     first = json.load(open(tmp_path / "flow" / "summary.json"))["train_seconds"]
     assert summary["train_seconds_total"] == round(first + summary["train_seconds"], 1)
     assert json.load(open(tmp_path / "summary.json"))["train_seconds_total"] == summary["train_seconds_total"]
-    with pytest.raises(ValueError, match="flow-share"):
-        apex_min.validate(run_config(tmp_path, flow_share=0.4, init_from="x.pt"))
+    with pytest.raises(SystemExit):                      # asked for where it cannot apply: an error
+        apex_min.parse_config(["--flow-share", "0.4", "--objective", "fm"])
+    cfg = run_config(tmp_path / "fm", max_steps=2, flow_share=0.4, objective="fm")   # from a preset:
+    assert apex_min.train_stages(cfg)["step"] == 2 and not (tmp_path / "fm" / "flow").exists()  # one stage
 
 
 def test_flow_share_resume_finishes_a_flow_stage_cut_off_by_ctrl_c(tmp_path):
