@@ -54,6 +54,9 @@ TINY_DIT = dict(image_size=8, channels=3, patch_size=2, dim=32, depth=1, heads=2
 # train() at its smallest: the tiny preset with the model and batch above
 TINY_RUN = dict(image_size=8, patch_size=2, dim=32, depth=1, heads=2, num_classes=3, batch_size=8,
                 device="cpu", log_every=1, ckpt_every=100)
+# the same model and batch as command-line flags, for the tests that run apex_min.py as a process
+TINY_CLI = [arg for k in ("device", "image_size", "patch_size", "dim", "depth", "heads", "num_classes",
+                          "batch_size") for arg in ("--" + k.replace("_", "-"), str(TINY_RUN[k]))]
 
 
 # ==================================================================================================
@@ -866,9 +869,7 @@ def test_sigkill_at_random_moments_then_resume_loses_at_most_one_interval(tmp_pa
     import signal
     ckpt_every, kills, during_write = 5, 8, 0
     def command(max_steps, resume):
-        return [sys.executable, "-c", KILL_RUNNER, "--device", "cpu", "--image-size", "8", "--dim", "32",
-                "--depth", "1", "--heads", "2", "--num-classes", "3", "--batch-size", "8",
-                "--max-steps", str(max_steps), "--log-every", "1", "--ckpt-every", str(ckpt_every),
+        return [sys.executable, "-c", KILL_RUNNER, *TINY_CLI, "--max-steps", str(max_steps), "--log-every", "1", "--ckpt-every", str(ckpt_every),
                 "--out-dir", str(tmp_path), *(["--resume"] if resume else [])]
 
     log, ckpt, tmp = tmp_path / "log.jsonl", tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.tmp"
@@ -910,9 +911,7 @@ def test_ctrl_c_ends_the_run_at_a_step_with_a_checkpoint_and_resume_continues(tm
     """SIGINT: the run stops at the next log step, saves its checkpoint there (exit code 130,
     summary stop "interrupted"); --resume then continues exactly as a run never interrupted."""
     import signal
-    flags = ["apex_min.py", "--device", "cpu", "--image-size", "8", "--dim", "32", "--depth", "1",
-             "--heads", "2", "--num-classes", "3", "--batch-size", "8", "--log-every", "3",
-             "--ckpt-every", "1000"]
+    flags = ["apex_min.py", *TINY_CLI, "--log-every", "3", "--ckpt-every", "1000"]
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, *flags, "--max-steps", "100000", "--out-dir", str(cut)],
                             cwd=HERE, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -983,8 +982,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
     helper.write_text(_experiment("ddp_2gpu").RANK_HELPER)      # saves each rank's final weights
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
-           "--preset", "tiny", "--max-steps", "4", "--out-dir", str(out), "--device", "cpu",
-           "--dim", "32", "--depth", "1", "--image-size", "8", "--batch-size", "8", "--num-classes", "3"]
+           "--preset", "tiny", "--max-steps", "4", "--out-dir", str(out), *TINY_CLI]
     done = subprocess.run(cmd, cwd=tmp_path, env={**SUBPROCESS_ENV, "RANK_OUT": str(tmp_path)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -1003,8 +1001,7 @@ def test_a_rank_killed_mid_run_ends_the_whole_torchrun_job(tmp_path):
     import signal
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "apex_min.py"), "--max-steps", "1000000", "--out-dir", str(out), "--device", "cpu",
-           "--dim", "32", "--depth", "1", "--image-size", "8", "--batch-size", "8", "--num-classes", "3",
+           str(HERE / "apex_min.py"), "--max-steps", "1000000", "--out-dir", str(out), *TINY_CLI,
            "--log-every", "1", "--ckpt-every", "2"]
     job = subprocess.Popen(cmd, cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
@@ -1049,8 +1046,7 @@ def test_cli_end_to_end_errors_have_no_traceback(tmp_path):
     assert bad_flag.returncode == 2
     assert_one_line_error(bad_flag.stderr)
     missing = subprocess.run([sys.executable, script, "--resume", "--out-dir", str(tmp_path / "none"),
-                              "--device", "cpu", "--dim", "32", "--depth", "1", "--image-size", "8",
-                              "--batch-size", "8", "--max-steps", "1"],
+                              *TINY_CLI, "--max-steps", "1"],
                              capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=60)
     assert missing.returncode != 0
     assert_one_line_error(missing.stderr)

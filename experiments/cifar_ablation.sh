@@ -31,8 +31,9 @@ case "${1:-}" in
   teacher)
     data
     name=teacher_s$2
-    python apex_min.py --dataset cifar --objective fm --minutes $TEACHER_MIN --seed $2 --flow-share 0 \
-      --lr-schedule constant --out-dir runs/$name $TRAIN > runs/$name.log 2>&1 || { tail -c 3000 runs/$name.log; exit 1; }
+    python apex_min.py --dataset cifar --objective fm --minutes $TEACHER_MIN --seed $2 \
+      --flow-share 0 --lr-schedule constant --out-dir runs/$name $TRAIN > runs/$name.log 2>&1 \
+      || { tail -c 3000 runs/$name.log; exit 1; }
     python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO --nfe 1 2 --euler-steps ${EULER:-50} | grep FID
     record runs/$name $OUT/$name.json ;;
   arms)

@@ -5,9 +5,9 @@
 
 Every record is a run (`runs`). The curve joins, at each budget, the run named `curve...` (the
 chosen recipe) with the flow-matching run named `fm...` at the same minutes (its Euler-50 and
-1-NFE FID). A record's budget is the MINUTES of its name. MFU is the step's analytic FLOPs (cifar_demo.step_flops) times the mean img/s of the
-run's last stage, over the bf16 peak measured on the same kind of GPU (--peak-tflops, default the
-peak in results/speed/profile_apex.json).
+1-NFE FID). A record's budget is the MINUTES of its name. MFU is the step's analytic FLOPs
+(cifar_demo.step_flops) times the mean img/s of the run's last stage, over the bf16 peak measured
+on the same kind of GPU (--peak-tflops, default the peak in results/speed/profile_apex.json).
 """
 import json
 import os
@@ -45,7 +45,7 @@ def run_row(name: str, record: dict, peak: float) -> dict:
             "train_seconds_total": summary.get("train_seconds_total", summary["train_seconds"]),
             "steps": summary["step"], "fid10k": fids(record),
             "fid50k": fids(record, "fid_fid50k") if "fid_fid50k" in record else None,
-            "fm_euler50": round(record["fid"]["fid"]["Euler 50"]["fid"], 2) if "Euler 50" in record["fid"]["fid"] else None,
+            "fm_euler50": round(euler["fid"], 2) if (euler := record["fid"]["fid"].get("Euler 50")) else None,
             "img_per_s": img_s, "mfu": round(mfu, 4), "gpu": record["env"]["gpu"]}
 
 
@@ -94,7 +94,8 @@ def main(argv=None):
     if not argv or argv[0] not in ("collect", "plot") or (argv[0] == "collect" and len(argv) < 2):
         raise SystemExit("usage: python experiments/cifar_budget.py collect DIR... | plot [--peak-tflops P]")
     if argv[0] == "collect":
-        peak = peak or json.load(open(os.path.join(ROOT, "results", "speed", "profile_apex.json")))["peak_bf16_tflops"]
+        speed = os.path.join(ROOT, "results", "speed", "profile_apex.json")
+        peak = peak or json.load(open(speed))["peak_bf16_tflops"]
         os.makedirs(RECORDS, exist_ok=True)
         for folder in argv[1:]:
             for name in sorted(os.listdir(folder)):
@@ -106,7 +107,8 @@ def main(argv=None):
     merged = json.load(open(MERGED))
     for r in merged["runs"]:
         print(f"{r['name']:24s} {r['train_seconds_total']:7.1f} s  FID-10k {r['fid10k']['1']:7.2f} / "
-              f"{r['fid10k']['2']:7.2f}  {r['img_per_s']:7.0f} img/s  MFU {100 * r['mfu']:4.1f}%  {r['recipe']}")
+              f"{r['fid10k']['2']:7.2f}  {r['img_per_s']:7.0f} img/s  MFU {100 * r['mfu']:4.1f}%  "
+              f"{r['recipe']}")
     if argv[0] == "plot":
         plot(merged)
 
