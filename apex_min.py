@@ -681,9 +681,9 @@ def resume(run: SimpleNamespace, cfg: Config) -> None:
     run.planned = ckpt["config"].get("max_steps", 0) if cfg.minutes and not cfg.max_steps else 0
     run.train_seconds = ckpt.get("train_seconds", 0.0)   # checkpoints before the field: 0
     if run.rank == 0:  # exact continuation on one process; other ranks get fresh, distinct streams
-        torch.set_rng_state(ckpt["rng"]["cpu"])
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())     # loaded onto the device: back as bytes
         if ckpt["rng"].get("cuda") is not None and run.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
     else:
         torch.manual_seed(cfg.seed + run.rank + 7919 * run.step)
 

@@ -5,6 +5,8 @@
 
 Each record is copied to results/cifar_ablation/NAME_sS.json (config, env, summary, FID, log);
 the merged record lists every arm per seed, and the table gives mean +- std over the seeds.
+A schedule's tag is part of the name (consistency-2k_s0: 2,000 steps); its teacher is named with
+the same tag (teacher-2k_s0), since each schedule's seed trains its own teacher.
 """
 import json
 import math
@@ -34,8 +36,9 @@ def merge() -> dict:
         record = json.load(open(os.path.join(RECORDS, name)))
         arm = name.rsplit("_s", 1)[0]
         merged["gpu"] = merged["gpu"] or record["env"]["gpu"]
-        if arm == "teacher":
-            merged["teacher"]["per_seed"].append(row(record))
+        if arm.startswith("teacher"):  # teacher: the 1,000-step arms' teachers; teacher-2k: ...
+            merged.setdefault(arm, {"recipe": merged["teacher"]["recipe"], "per_seed": []})
+            merged[arm]["per_seed"].append(row(record))
         else:
             flags = {k: v for k, v in record["config"].items() if k in ("objective", "gen_weight")}
             merged["arms"].setdefault(arm, []).append({**row(record), "config": flags})
@@ -50,7 +53,8 @@ def mean_std(values):
 def table(merged: dict) -> str:
     lines = [f"FID-10k (EMA, no guidance), mean +- std over seeds; {merged['gpu']}",
              f"{'arm':16s} {'seeds':>5s} {'1 NFE':>14s} {'2 NFE':>14s} {'steps':>6s} {'img/s':>7s}"]
-    for arm, rows in [("teacher", merged["teacher"]["per_seed"])] + sorted(merged["arms"].items()):
+    teachers = [(k, v["per_seed"]) for k, v in sorted(merged.items()) if k.startswith("teacher")]
+    for arm, rows in teachers + sorted(merged["arms"].items()):
         cells = [mean_std([r[k] for r in rows]) for k in ("fid10k_nfe1", "fid10k_nfe2")]
         lines.append(f"{arm:16s} {len(rows):5d} " + " ".join(f"{m:7.2f}+-{s:5.2f}" for m, s in cells)
                      + f" {rows[0]['steps']:6d} {mean_std([r['img_per_s'] for r in rows])[0]:7.0f}")

@@ -7,8 +7,9 @@
 # budget is a step count, not seconds; img/s in their records is measured under that sharing.
 # CALL_SECONDS=s interrupts the arms after s seconds (SIGINT: each saves its checkpoint); calling
 # `arms` again resumes them (exactly: one process each); an arm is evaluated once it has all steps.
-# TAG names a schedule (runs/ARM$TAG_sSEED, e.g. TAG=-2k for 2000 steps); EULER=0 skips the
-# teacher's 50-step FID.
+# TAG names a schedule and its own teacher (runs/ARM$TAG_sSEED and runs/teacher$TAG_sSEED, e.g.
+# TAG=-2k for 2000 steps); EULER=0 skips the teacher's 50-step FID. Every arm gives its budget as
+# steps alone (--minutes 0: the cifar preset's 330 s would stop it first).
 # Every arm uses the cosine learning-rate decay over its steps (the polish schedule of apex_best
 # relies on it), so the arms differ only in the objective.
 # STAGE holds default_1.pt, the reference statistics and the CIFAR-10 shards (or pickles in
@@ -17,7 +18,7 @@
 # results/cifar_ablation.json.
 source "$(dirname "$0")/cifar_common.sh"
 # the released objective's settings, whatever the cifar preset sets; each arm then changes some
-RELEASED="--flow-share 0 --polish-from 0 --gen-s-min 0 --gen-s-max 1 --gen-norm clamp --gen-weight 0.5"
+RELEASED="--minutes 0 --flow-share 0 --polish-from 0 --gen-s-min 0 --gen-s-max 1 --gen-norm clamp --gen-weight 0.5"
 declare -A ARMS=(
   [consistency]="--objective consistency"
   [gen0]="--gen-weight 0"
@@ -30,7 +31,7 @@ declare -A ARMS=(
 case "${1:-}" in
   teacher)
     data
-    name=teacher_s$2
+    name=teacher${TAG:-}_s$2
     python apex_min.py --dataset cifar --objective fm --minutes $TEACHER_MIN --seed $2 \
       --flow-share 0 --lr-schedule constant --out-dir runs/$name $TRAIN > runs/$name.log 2>&1 \
       || { tail -c 3000 runs/$name.log; exit 1; }
@@ -51,7 +52,7 @@ case "${1:-}" in
       [ -f runs/$name/ckpt.pt ] && more="--resume"
       rm -f runs/$name/summary.json
       timeout -s INT ${CALL_SECONDS:-0} python apex_min.py --dataset cifar $more --seed $seed \
-        --init-from runs/teacher_s$seed/ckpt.pt --max-steps $steps --ckpt-every 200 \
+        --init-from runs/teacher${TAG:-}_s$seed/ckpt.pt --max-steps $steps --ckpt-every 200 \
         --lr-schedule cosine --out-dir runs/$name $RELEASED $TRAIN ${ARMS[$arm]} \
         >> runs/$name.log 2>&1 &
     done
