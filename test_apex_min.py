@@ -1628,6 +1628,17 @@ def test_readme_cifar_table_is_the_committed_record(tmp_path):
         assert seeds in line and f"{m1:.1f} +- {s1:.1f}" in line and f"{m2:.1f} +- {s2:.1f}" in line, line
 
 
+def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys):
+    profile = _experiment("profile_step")
+    record = profile.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "2", "--profile", "1",
+                           "--batch-size", "24", "--out", str(tmp_path)])
+    assert record["img_per_s"] > 0 and record["batch_size"] == 24 and record["profile_table"]
+    assert json.load(open(tmp_path / "profile_apex_batch24.json"))["steps"] == 2
+    with pytest.raises(SystemExit) as stop:   # a GPU-only option on a CPU: one line, exit 2
+        profile.main(["--device", "cpu", "--tiny", "--sdpa", "flash"])
+    assert stop.value.code == 2 and "needs a GPU" in capsys.readouterr().err
+
+
 def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(tmp_path, monkeypatch):
     """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
     and flow stage; the curve pairs each `curve` run with the `fm` run of the same minutes; MFU is

@@ -3,6 +3,10 @@
     python experiments/profile_step.py                       # the default objective (apex), on a GPU
     python experiments/profile_step.py --objective fm --steps 50
     python experiments/profile_step.py --device cpu --tiny   # smoke test: seconds, numbers meaningless
+    python experiments/profile_step.py --sdpa flash --tuning --profile 0   # candidate changes, timed
+
+--compile-mode, --sdpa (one attention kernel), --tuning (inductor's coordinate-descent tuning) and
+--batch-size try changes against the default step; the record's name carries the variant.
 
 The data are the synthetic shapes at 32x32 (no download): a step costs the same whatever the images
 show. After the compiling first step and `--warmup` more, `--steps` steps are timed (img/s), their
@@ -10,6 +14,7 @@ FLOPs counted as cifar_demo.step_flops counts them (MFU against the bf16 peak me
 `--profile` further steps are recorded by torch.profiler: the table of the operators with the most
 device time is printed and, with --out, written with the numbers to a JSON record.
 """
+import contextlib
 import json
 import os
 import sys
@@ -34,9 +39,26 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test)")
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
-    p.add_argument("--out", default="", help="write profile_<objective>.json here")
+    p.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn", "efficient"),
+                   help="restrict attention to one kernel (default: PyTorch's choice)")
+    p.add_argument("--tuning", action="store_true",
+                   help="inductor's coordinate-descent tuning of its generated kernels")
+    p.add_argument("--batch-size", type=int, default=0, help="another global batch (0: the preset's)")
+    p.add_argument("--out", default="", help="write profile_<objective>[_variant].json here")
     args = p.parse_args(argv)
     size = dict(dim=32, depth=1, heads=2, batch_size=16) if args.tiny else {}
+    if args.batch_size:
+        size["batch_size"] = args.batch_size
+    if args.sdpa != "default" and (args.device == "cpu" or not torch.cuda.is_available()):
+        p.error("--sdpa chooses among GPU attention kernels; it needs a GPU")
+    if args.tuning:
+        from torch._inductor import config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    attention = (sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default"
+                 else contextlib.nullcontext())
     with tempfile.TemporaryDirectory() as tmp:
         cfg = am.Config(**{**am.PRESETS["cifar"], **size, "preset": "cifar", "dataset": "shapes",
                            "objective": args.objective, "device": args.device, "out_dir": tmp,
@@ -49,8 +71,10 @@ def main(argv=None) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def steps(n):
-        for _ in range(n):
-            loss, _ = am.train_step(run, net_fn, targets_fn, *run.data.batch(cfg.batch_size), cfg, autocast)
+        with attention:
+            for _ in range(n):
+                batch = run.data.batch(cfg.batch_size)
+                loss, _ = am.train_step(run, net_fn, targets_fn, *batch, cfg, autocast)
         return loss
 
     start = time.time()
@@ -65,13 +89,19 @@ def main(argv=None) -> dict:
     flops = cifar_demo.step_flops(cfg) * img_per_s
     peak = cifar_demo.measured_bf16_peak() if cuda else None
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        steps(args.profile)
-        sync()
-    key = "cuda_time_total" if cuda else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
-    record = {"objective": cfg.objective, "compile_mode": args.compile_mode, "batch_size": cfg.batch_size,
-              "steps": args.steps,
+    table = ""
+    if args.profile:
+        with torch.profiler.profile(activities=activities) as prof:
+            steps(args.profile)
+            sync()
+        key = "cuda_time_total" if cuda else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    variant = "_".join(v for v in ("" if args.compile_mode == "default" else args.compile_mode,
+                                   "" if args.sdpa == "default" else "sdpa-" + args.sdpa,
+                                   "tuning" if args.tuning else "",
+                                   f"batch{args.batch_size}" if args.batch_size else "") if v)
+    record = {"objective": cfg.objective, "compile_mode": args.compile_mode, "sdpa": args.sdpa,
+              "tuning": args.tuning, "batch_size": cfg.batch_size, "steps": args.steps,
               "warmup_seconds": round(warm, 1), "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1),
               "step_gflops_per_image": round(cifar_demo.step_flops(cfg) / 1e9, 3),
               "model_tflops": round(flops / 1e12, 1), "peak_bf16_tflops": round(peak / 1e12, 1) if peak else None,
@@ -82,8 +112,8 @@ def main(argv=None) -> dict:
           + (f", MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}" if peak else "") + f" ({record['env']['gpu']})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        suffix = "" if args.compile_mode == "default" else "_" + args.compile_mode
-        with open(os.path.join(args.out, f"profile_{cfg.objective}{suffix}.json"), "w") as f:
+        with open(os.path.join(args.out, f"profile_{cfg.objective}{'_' * bool(variant)}{variant}.json"),
+                  "w") as f:
             json.dump(record, f, indent=1)
     return record
 
