@@ -43,7 +43,7 @@ class ToySettings:
     n_eval: int = 4000            # samples per member for the quality metrics
     euler_steps: int = 100        # NFE of the flow-matching reference
     checkpoints: int = 8          # alignment measurements over fine-tuning (plus step 0)
-    workers: int = 2              # processes for the variants (one thread each; 2-core CPU)
+    workers: int = 0              # processes for the variants, one thread each (0: one per core)
     out: str = ""                 # folder for assets/ and results/ ("": here; --fast: runs/fast)
     fast: bool = False            # test-size run: tiny everything, seconds
     lr_pretrain: float = 3e-3     # constant; a small MLP learns a 2-D flow fast at this rate
@@ -413,7 +413,8 @@ def finetune(variant: str, pretrained: bytes, settings: ToySettings, loss=None) 
 
 # 8. Experiment and report =========================================================================
 def run_jobs(fn, jobs: list, workers: int) -> list:  # spawned processes: fork can hang torch
-    if workers <= 1:
+    workers = workers or os.cpu_count() or 1       # the results do not depend on the count
+    if workers <= 1 or len(jobs) <= 1:
         return [fn(*job) for job in jobs]
     import multiprocessing
     with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
@@ -572,11 +573,12 @@ def parse_settings(argv=None, prog: str = "toy_2d.py", description: str = "APEX 
     if not (set(t) <= {"ring", "grid"} and len(set(t)) == len(t)):
         p.error("--targets: ring, grid or both")
     if not (s.batch > 0 and s.batch % 12 == 0 and s.n_eval >= 10 and s.n_eval % 2 == 0
-            and min(s.seeds, s.workers, s.width, s.depth, s.pretrain_steps, s.steps, s.checkpoints,
+            and s.workers >= 0 and min(s.seeds, s.width, s.depth, s.pretrain_steps, s.steps, s.checkpoints,
                     s.euler_steps - 1, s.lr, s.cons_delta, 1 - s.cons_delta) > 0
             and s.gen_weight >= 0):
         p.error("need a --batch multiple of 12 (section 3), an even --n-eval >= 10, --lr > 0, "
-                "--gen-weight >= 0, --cons-delta in (0, 1), --euler-steps >= 2, other counts >= 1")
+                "--gen-weight >= 0, --cons-delta in (0, 1), --euler-steps >= 2, --workers >= 0, other "
+                "counts >= 1")
     return s
 
 

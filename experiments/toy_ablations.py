@@ -80,7 +80,7 @@ def main(argv=None) -> None:
                    help=f"names to run (default: all): {', '.join(ABLATIONS)}")
     p.add_argument("--fast", action="store_true", help="test-size runs (toy_2d.py --fast)")
     p.add_argument("--report", action="store_true", help="run nothing; print the comparison")
-    p.add_argument("--workers", type=int, help="processes per run (default 2; 1 with --fast)")
+    p.add_argument("--workers", type=int, help="processes per run (default: one per core; 1 with --fast)")
     p.add_argument("--out", default="", help="folder holding results/ (default: the repository)")
     args = p.parse_args(argv)
     unknown = [a for a in args.ablations if a not in ABLATIONS]
