@@ -1587,6 +1587,35 @@ def test_toy_ladder_oracle_fake_velocity_matches_the_data_when_the_generator_is_
         assert (v_fake - v_real).norm(dim=1).mean() / v_real.norm(dim=1).mean() > 0.2, wrong
 
 
+def test_toy_modes_metrics_read_mass_and_spread_off_known_samples():
+    toy_modes = _experiment("toy_modes")
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8000) % 2
+    x, _ = toy_2d.sample_toy("ring", len(y), generator=g, y=y)
+    exact = toy_modes.mode_metrics(x, y, "ring")
+    assert exact["mass_tv"] < 0.03 and abs(exact["spread"] - 1.38) < 0.05 and exact["bridge"] < 0.02
+    assert exact["offset"] < 0.1
+    mix = toy_2d.toy_mixture("ring")
+    first = torch.stack([(mix["classes"] == k).nonzero()[0, 0] for k in (0, 1)])   # one mode a class
+    piled = mix["means"][first[y]] + 0.5 * mix["std"] * torch.randn(len(y), 2, generator=g)
+    piled_q = toy_modes.mode_metrics(piled, y, "ring")
+    assert abs(piled_q["mass_tv"] - 0.75) < 1e-9 and abs(piled_q["spread"] - 0.5 * 1.414) < 0.03
+    moved = toy_modes.mode_metrics(x + torch.tensor([0.5 * mix["std"], 0.0]), y, "ring")
+    assert abs(moved["offset"] - 0.5) < 0.05 and abs(moved["spread"] - exact["spread"]) < 0.05
+    assert piled_q["sw1"] > exact["sw1"]
+
+
+def test_toy_modes_script_at_test_size(tmp_path):
+    done = subprocess.run([sys.executable, "experiments/toy_modes.py", "--fast", "--out", str(tmp_path)],
+                          cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "results" / "toy_modes.json").read_text())
+    toy_modes = _experiment("toy_modes")
+    assert list(record["rows"]) == ["target", *toy_modes.RUNGS]
+    for row in record["rows"].values():
+        assert set(row) == {"ring", "grid"} and set(row["ring"]) == set(toy_modes.METRICS)
+
+
 def test_toy_ladder_script_at_test_size(tmp_path):
     """python experiments/toy_ladder.py --fast: the record holds every default rung with its
     per-seed metrics, and --report prints its table."""
