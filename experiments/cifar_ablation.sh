@@ -5,8 +5,9 @@
 #   bash experiments/cifar_ablation.sh arms SEED STEPS [ARM ...]   # the arms (default: all), at once
 # A seed is one whole pipeline (teacher and tuning). The arms run side by side on the GPU, so their
 # budget is a step count, not seconds; img/s in their records is measured under that sharing.
-# CALL_SECONDS=s interrupts the arms after s seconds (SIGINT: each saves its checkpoint); calling
-# `arms` again resumes them (exactly: one process each); an arm is evaluated once it has all steps.
+# CALL_SECONDS=s interrupts the arms after s seconds (SIGINT: each saves its checkpoint at its next
+# log step); calling `arms` again resumes them (exactly: one process each); an arm is evaluated
+# once it has all steps, in the same call (about 30 s an arm), so leave room: 480 in a 600-s call.
 # TAG names a schedule and its own teacher (runs/ARM$TAG_sSEED and runs/teacher$TAG_sSEED, e.g.
 # TAG=-2k for 2000 steps); EULER=0 skips the teacher's 50-step FID. Every arm gives its budget as
 # steps alone (--minutes 0: the cifar preset's 330 s would stop it first).
