@@ -36,7 +36,7 @@ def merge() -> dict:
         record = json.load(open(os.path.join(RECORDS, name)))
         arm = name.rsplit("_s", 1)[0]
         merged["gpu"] = merged["gpu"] or record["env"]["gpu"]
-        if arm.startswith("teacher"):  # teacher: the 1,000-step arms' teachers; teacher-2k: ...
+        if arm.startswith("teacher"):  # teacher, teacher-2k, ...: each schedule's own teachers
             merged.setdefault(arm, {"recipe": merged["teacher"]["recipe"], "per_seed": []})
             merged[arm]["per_seed"].append(row(record))
         else:

@@ -19,7 +19,7 @@
 # results/cifar_ablation.json.
 source "$(dirname "$0")/cifar_common.sh"
 # the released objective's settings, whatever the cifar preset sets; each arm then changes some
-RELEASED="--minutes 0 --flow-share 0 --polish-from 0 --gen-s-min 0 --gen-s-max 1 --gen-norm clamp --gen-weight 0.5"
+RELEASED="--flow-share 0 --polish-from 0 --gen-s-min 0 --gen-s-max 1 --gen-norm clamp --gen-weight 0.5"
 declare -A ARMS=(
   [consistency]="--objective consistency"
   [gen0]="--gen-weight 0"
@@ -53,7 +53,7 @@ case "${1:-}" in
       [ -f runs/$name/ckpt.pt ] && more="--resume"
       rm -f runs/$name/summary.json
       timeout -s INT ${CALL_SECONDS:-0} python apex_min.py --dataset cifar $more --seed $seed \
-        --init-from runs/teacher${TAG:-}_s$seed/ckpt.pt --max-steps $steps --ckpt-every 200 \
+        --init-from runs/teacher${TAG:-}_s$seed/ckpt.pt --max-steps $steps --minutes 0 --ckpt-every 200 \
         --lr-schedule cosine --out-dir runs/$name $RELEASED $TRAIN ${ARMS[$arm]} \
         >> runs/$name.log 2>&1 &
     done

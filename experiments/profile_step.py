@@ -96,10 +96,9 @@ def main(argv=None) -> dict:
             sync()
         key = "cuda_time_total" if cuda else "cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
-    variant = "_".join(v for v in ("" if args.compile_mode == "default" else args.compile_mode,
-                                   "" if args.sdpa == "default" else "sdpa-" + args.sdpa,
-                                   "tuning" if args.tuning else "",
-                                   f"batch{args.batch_size}" if args.batch_size else "") if v)
+    variant = [name for name, on in ((args.compile_mode, args.compile_mode != "default"),
+                                     (f"sdpa-{args.sdpa}", args.sdpa != "default"), ("tuning", args.tuning),
+                                     (f"batch{args.batch_size}", args.batch_size)) if on]
     record = {"objective": cfg.objective, "compile_mode": args.compile_mode, "sdpa": args.sdpa,
               "tuning": args.tuning, "batch_size": cfg.batch_size, "steps": args.steps,
               "warmup_seconds": round(warm, 1), "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1),
@@ -112,8 +111,8 @@ def main(argv=None) -> dict:
           + (f", MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}" if peak else "") + f" ({record['env']['gpu']})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"profile_{cfg.objective}{'_' * bool(variant)}{variant}.json"),
-                  "w") as f:
+        name = "_".join(["profile", cfg.objective, *variant]) + ".json"
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump(record, f, indent=1)
     return record
 

@@ -155,9 +155,13 @@ def figure(samples: dict, record: dict, path: str) -> None:
     plt.close(fig)
 
 
-def record_name(settings) -> str:  # toy_ladder, or toy_ladder_stepsN at another fine-tuning length
+def record_name(settings, stem: str = "toy_ladder") -> str:  # stem, or stem_stepsN at another length
     default = toy_2d.FAST["steps"] if settings.fast else toy_2d.ToySettings.steps
-    return "toy_ladder" + ("" if settings.steps == default else f"_steps{settings.steps}")
+    return stem + ("" if settings.steps == default else f"_steps{settings.steps}")
+
+
+def ladder_settings(settings):  # one alignment measurement, at the end, against 4096 per class
+    return dataclasses.replace(settings, checkpoints=1, n_ref=settings.n_ref if settings.fast else 8192)
 
 
 def main(argv=None) -> dict:
@@ -174,8 +178,7 @@ def main(argv=None) -> dict:
         return record
     settings = toy_2d.parse_settings(argv, prog="toy_ladder.py")
     chosen = [n for n in RUNGS if {"all": True, "core": n in CORE}.get(args.rungs, n not in EXTRA)]
-    # one alignment measurement, at the end, against a large reference set (4096 per class)
-    settings = dataclasses.replace(settings, checkpoints=1, n_ref=settings.n_ref if settings.fast else 8192)
+    settings = ladder_settings(settings)
     torch.set_num_threads(1)
     start = time.time()
     pretrained = toy_2d.pretrain(settings)

@@ -72,8 +72,7 @@ def target_row(settings) -> list:  # exact samples, as many per member as the ru
 
 def main(argv=None) -> dict:
     settings = toy_2d.parse_settings(argv, prog="toy_modes.py")
-    # as toy_ladder.main: one alignment measurement at the end (it draws from its own generator)
-    settings = dataclasses.replace(settings, checkpoints=1, n_ref=settings.n_ref if settings.fast else 8192)
+    settings = toy_ladder.ladder_settings(settings)   # the ladder's draws, so its numbers recur
     torch.set_num_threads(1)
     start = time.time()
     pretrained = toy_2d.pretrain(settings)
@@ -85,7 +84,7 @@ def main(argv=None) -> dict:
                   for t in dict.fromkeys(names)} for row, qs in members.items()}
     record = {"rows": rows, "settings": dataclasses.asdict(settings), "env": am.environment(),
               "seconds_wall": round(time.time() - start, 1)}
-    name = "toy_modes" + toy_ladder.record_name(settings).removeprefix("toy_ladder")
+    name = toy_ladder.record_name(settings, "toy_modes")
     path = toy_2d.results_path(settings, name + ".json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
