@@ -57,8 +57,8 @@ def main(argv=None) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    attention = (sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default"
-                 else contextlib.nullcontext())
+    def attention():   # a fresh context each time: one from sdpa_kernel can be entered only once
+        return sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default" else contextlib.nullcontext()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = am.Config(**{**am.PRESETS["cifar"], **size, "preset": "cifar", "dataset": "shapes",
                            "objective": args.objective, "device": args.device, "out_dir": tmp,
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def steps(n):
-        with attention:
+        with attention():
             for _ in range(n):
                 batch = run.data.batch(cfg.batch_size)
                 loss, _ = am.train_step(run, net_fn, targets_fn, *batch, cfg, autocast)
