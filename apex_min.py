@@ -67,6 +67,7 @@ class Config:  # one field per flag; the comments are the --help texts (field_he
     gen_s_max: float = 1.0
     polish_from: float = 0.0      # > 0: the term only from this share of the steps (scheduled)
     onestep_weight: float = 1.0   # weight of the one-step rows' loss (0 while polishing)
+    fake_share: float = 0.25      # share of the batch in the fake rows; the rest split in three
     label_dropout: float = 0.1    # share of labels replaced by the null class
     paper_lambda: float = 0.5     # lambda of Eq. (17) for --objective paper (the paper gives none)
     batch_size: int = 64          # global batch (split over processes)
@@ -111,7 +112,8 @@ def validate(c: Config) -> None:  # ValueError: one readable sentence
         (c.image_size % c.patch_size == 0, "--image-size must be a multiple of --patch-size"),
         (c.dim % c.heads == 0, "--dim must be a multiple of --heads"),
         (min(c.dim, c.depth, c.heads, c.patch_size, c.num_classes) > 0, "sizes must be > 0"),
-        (c.batch_size >= 4, "--batch-size must be at least 4 (four row groups)"),
+        (c.batch_size >= 4 and 0 < c.fake_share < 1 and c.batch_size * (1 - c.fake_share) >= 3,
+         "--batch-size >= 4 and --fake-share in (0, 1), leaving 3 rows or more for the other groups"),
         (c.lr > 0 and c.grad_clip > 0 and c.robust_c > 0, "--lr, --grad-clip, --robust-c: > 0"),
         (0 <= c.ema_decay < 1 and 0 <= c.label_dropout < 1, "--ema-decay/--label-dropout: [0, 1)"),
         (0 < c.cons_delta < 1 and c.cons_order >= 1, "--cons-delta in (0,1), --cons-order >= 1"),
@@ -258,11 +260,12 @@ def drop_labels(y, share: float, null_class: int):
     drop = torch.rand(y.shape, device=y.device) < share
     return torch.where(drop, torch.full_like(y, null_class), y)
 
-def row_groups(batch: int, fake_branch: bool = True) -> dict:
+def row_groups(batch: int, fake_branch: bool = True, fake_share: float = 0.25) -> dict:
     """Step 1: equal, contiguous row groups; static slices keep shapes fixed (no sync, one graph).
-    NOTE(deviation): without the fake branch (`consistency`) there are three groups."""
+    NOTE(deviation): without the fake branch (`consistency`) there are three groups; option:
+    fake_share other than 1/4 gives the fake rows that share and the other three the rest."""
     names = ("onestep", "flow", "anystep", "fake")[:4 if fake_branch else 3]
-    q = batch // len(names)
+    q = int(batch * (1 - fake_share)) // 3 if fake_branch else batch // 3   # 1/4: batch // 4
     cuts = [i * q for i in range(len(names))] + [batch]
     return {name: slice(cuts[i], cuts[i + 1]) for i, name in enumerate(names)}
 
@@ -361,7 +364,7 @@ def apex_loss(net, ema, x, y, cfg: Config, velocities=shifted_velocities):
       8. outside the loss: the EMA of the weights, with warm-up       EMA"""
     fake_branch = cfg.objective == "apex"
     B = x.shape[0]
-    rows = row_groups(B, fake_branch)
+    rows = row_groups(B, fake_branch, cfg.fake_share)
     onestep, guided = rows["onestep"], slice(rows["flow"].start, rows["anystep"].stop)
     real = slice(0, rows["fake"].start if fake_branch else B)
     fake = torch.arange(B, device=x.device) >= real.stop

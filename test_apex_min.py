@@ -214,6 +214,9 @@ def test_presets_are_valid_configs():
         apex_min.validate(apex_min.Config(**preset, preset=name))
     with pytest.raises(ValueError, match="batch-size"):
         apex_min.validate(apex_min.Config(batch_size=3))
+    for share, batch in ((0.0, 64), (1.0, 64), (0.3, 4)):   # no fake rows, no real rows, q = 0
+        with pytest.raises(ValueError, match="fake-share"):
+            apex_min.validate(apex_min.Config(fake_share=share, batch_size=batch))
 
 
 # ==================================================================================================
@@ -333,12 +336,31 @@ def test_robust_loss_value_and_normalised_gradient():
 
 @pytest.mark.parametrize("objective", apex_min.OBJECTIVES)
 @pytest.mark.parametrize("batch", [4, 7, 16, 18])
-def test_row_groups_cover_the_batch(objective, batch):
-    rows = apex_min.row_groups(batch, fake_branch=objective == "apex")
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_row_groups_cover_the_batch(objective, batch, share):
+    if not batch * (1 - share) >= 3:
+        pytest.skip("validate() refuses this batch and share")
+    rows = apex_min.row_groups(batch, fake_branch=objective == "apex", fake_share=share)
     covered = sorted(i for s in rows.values() for i in range(batch)[s])
     assert covered == list(range(batch))                                # each row once
     assert all(s.stop > s.start for s in rows.values())                 # no group is empty
     assert ("fake" in rows) == (objective == "apex")
+
+
+def test_fake_share():
+    """The default quarter is the released equal split; another share goes to the fake rows."""
+    for batch in range(4, 100):
+        cuts = [s.start for s in apex_min.row_groups(batch).values()]
+        assert cuts == [0, batch // 4, 2 * (batch // 4), 3 * (batch // 4)]
+    rows = apex_min.row_groups(1152, fake_share=0.5)
+    assert rows["fake"] == slice(576, 1152) and rows["onestep"] == slice(0, 192)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    net = apex_min.build_model(apex_min.Config())
+    cfg = apex_min.Config(fake_share=0.5)
+    seen = []
+    net.forward = lambda x_t, t, tt, c, f=net.forward: seen.append(len(x_t)) or f(x_t, t, tt, c)
+    apex_min.apex_loss(net, copy.deepcopy(net), x, y, cfg)
+    assert seen[0] == 64 - 30   # the first pass makes the fake rows' data: 34 one-step samples
 
 
 EXPECTED_TERMS = {"apex": {"onestep", "flow", "anystep", "fake", "gen", "gap", "loss"},
@@ -1624,7 +1646,7 @@ def test_toy_ladder_script_at_test_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "results" / "toy_ladder.json").read_text())
     toy_ladder = _experiment("toy_ladder")
-    assert list(record["rungs"]) == [n for n in toy_ladder.RUNGS if n not in toy_ladder.EXTRA]
+    assert list(record["rungs"]) == [n for n in toy_ladder.RUNGS if n not in toy_ladder.EXTRA + toy_ladder.FAKE_ONLY]
     for name in ("consistency", "gen0", "apex_released", "oracle_both", "oracle_real", "oracle_fake",
                  "apex_best"):
         for target in ("ring", "grid"):
@@ -1636,6 +1658,13 @@ def test_toy_ladder_script_at_test_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "results" / "toy_ladder_steps12.json").read_text())
     assert list(record["rungs"]) == list(toy_ladder.CORE) and record["settings"]["steps"] == 12
+    done = subprocess.run([sys.executable, "experiments/toy_ladder.py", "--fast", "--rungs", "fake", "--out",
+                           str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=120)                             # the fake-share rungs: their own record
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "results" / "toy_fake_share.json").read_text())
+    assert list(record["rungs"]) == list(toy_ladder.FAKE)
+    assert record["rungs"]["apex_best/fake0.5"]["settings"]["fake_share"] == 0.5
 
 
 def test_readme_cifar_table_is_the_committed_record(tmp_path):

@@ -2,6 +2,8 @@
 
     python experiments/toy_ladder.py            # 13 rungs, ~9 min on 2 cores; results/toy_ladder.json
     python experiments/toy_ladder.py --rungs all  # 17: also the scan's EXTRA rungs (~12 min)
+    python experiments/toy_ladder.py --rungs fake   # the fake rows as half the batch, FAKE rungs
+                                                # (~3 min), results/toy_fake_share.json
     python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~9 min),
                                                 # results/toy_ladder_steps3000.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
@@ -61,6 +63,10 @@ RUNGS = {  # name: (objective, Config overrides, oracle)
     "polish/apex/clamp/w8": ("apex", {**POLISH, **S_FULL, "gen_weight": 8.0}, None),
     "polish/apex/dmd/w2": ("apex", {**POLISH, **S_FULL, "gen_weight": 2.0, "gen_norm": "dmd"}, None),
     "apex_best": ("apex", {**POLISH, "gen_s_min": 0.02, "gen_s_max": 0.25, "gen_weight": 0.5}, None),
+    # the fake rows as half the batch (a quarter by default): a fake branch trained on twice the rows
+    "polish/gen0/fake0.5": ("apex", {**POLISH, "gen_weight": 0.0, "fake_share": 0.5}, None),
+    "apex_best/fake0.5": ("apex", {**POLISH, "gen_s_min": 0.02, "gen_s_max": 0.25, "gen_weight": 0.5,
+                                   "fake_share": 0.5}, None),
 }
 
 
@@ -68,6 +74,8 @@ CORE = ("consistency", "gen0", "apex_released", "polish/gen0", "oracle_both", "o
         "apex_best")
 EXTRA = ("released/oracle_both/clamp/w2", "released/oracle_both/dmd/w2",  # --rungs all only
          "polish/oracle_real/dmd/w2", "polish/oracle_fake/dmd/w2")
+FAKE_ONLY = ("polish/gen0/fake0.5", "apex_best/fake0.5")                  # --rungs fake only
+FAKE = ("consistency", "polish/gen0", "apex_best") + FAKE_ONLY
 
 
 def cost(name: str) -> int:  # the relative CPU time of a rung: the oracle on every step is dear
@@ -132,7 +140,8 @@ def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
             "samples": first if name in FIGURE else None}
 
 
-FIGURE = ("consistency", "apex_released", "oracle_both", "oracle_real", "oracle_fake", "apex_best")
+FIGURE = ("consistency", "apex_released", "oracle_both", "oracle_real", "oracle_fake", "apex_best",
+          "apex_best/fake0.5")
 
 
 def figure(samples: dict, record: dict, path: str) -> None:
@@ -166,7 +175,7 @@ def ladder_settings(settings):  # one alignment measurement, at the end, against
 
 def main(argv=None) -> dict:
     p = am.OneLineParser(prog="toy_ladder.py", add_help=False)   # the rest: toy_2d's flags
-    p.add_argument("--rungs", choices=("default", "all", "core"), default="default")
+    p.add_argument("--rungs", choices=("default", "all", "core", "fake"), default="default")
     p.add_argument("--report", action="store_true")
     args, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.report:   # the table of a committed record (--steps N: that length's), without running
@@ -177,7 +186,8 @@ def main(argv=None) -> dict:
         print(table(record))
         return record
     settings = toy_2d.parse_settings(argv, prog="toy_ladder.py")
-    chosen = [n for n in RUNGS if {"all": True, "core": n in CORE}.get(args.rungs, n not in EXTRA)]
+    chosen = [n for n in RUNGS if {"all": n not in FAKE_ONLY, "core": n in CORE, "fake": n in FAKE}.get(
+        args.rungs, n not in EXTRA + FAKE_ONLY)]
     settings = ladder_settings(settings)
     torch.set_num_threads(1)
     start = time.time()
@@ -203,7 +213,7 @@ def main(argv=None) -> dict:
     rungs = {name: rungs[name] for name in chosen}                       # in the order of RUNGS
     record = {"rungs": rungs, "settings": dataclasses.asdict(settings), "env": am.environment(),
               "seconds_wall": round(time.time() - start, 1)}
-    name = record_name(settings)
+    name = record_name(settings, "toy_fake_share" if args.rungs == "fake" else "toy_ladder")
     path = toy_2d.results_path(settings, name + ".json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
