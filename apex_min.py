@@ -742,9 +742,12 @@ def write_json(path: str, value: dict, append: bool = False) -> None:  # append:
 def environment() -> dict:
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
-    try:
+    try:   # the commit, "-dirty" when tracked files differ from it
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5).stdout.strip() or None
+        if git and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                  capture_output=True, text=True, timeout=5).stdout.strip():
+            git += "-dirty"
     except Exception:   # no git, or not a checkout
         git = None
     return {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),

@@ -680,6 +680,26 @@ def test_ema_warmup_follows_the_released_recursion():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
+def test_environment_names_the_commit_and_a_dirty_tree(tmp_path, monkeypatch):
+    """A record's git field: the commit, with "-dirty" while tracked files differ from it."""
+    import importlib.util
+    (tmp_path / "apex_min.py").write_text(open(apex_min.__file__).read())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    for args in (["init", "-q"], ["add", "apex_min.py"], ["commit", "-qm", "c"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("apex_min_copy", tmp_path / "apex_min.py")
+    copy_ = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, copy_)                # its dataclasses look it up
+    spec.loader.exec_module(copy_)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert copy_.environment()["git"] == head
+    (tmp_path / "notes.txt").write_text("untracked")                 # untracked files do not count
+    assert copy_.environment()["git"] == head
+    with open(tmp_path / "apex_min.py", "a") as f:
+        f.write("# changed\n")
+    assert copy_.environment()["git"] == head + "-dirty"
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A save that dies midway leaves the previous checkpoint readable and unchanged."""
     path = str(tmp_path / "ckpt.pt")
