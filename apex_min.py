@@ -742,11 +742,11 @@ def write_json(path: str, value: dict, append: bool = False) -> None:  # append:
 def environment() -> dict:
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
-    try:   # the commit, "-dirty" when tracked files differ from it
+    try:   # the commit, "-dirty" when tracked Python files differ from it
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5).stdout.strip() or None
-        if git and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                  capture_output=True, text=True, timeout=5).stdout.strip():
+        if git and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"],
+                                  cwd=here, capture_output=True, text=True, timeout=5).stdout.strip():
             git += "-dirty"
     except Exception:   # no git, or not a checkout
         git = None

@@ -681,7 +681,7 @@ def test_ema_warmup_follows_the_released_recursion():
 
 
 def test_environment_names_the_commit_and_a_dirty_tree(tmp_path, monkeypatch):
-    """A record's git field: the commit, with "-dirty" while tracked files differ from it."""
+    """A record's git field: the commit, with "-dirty" while tracked Python files differ from it."""
     import importlib.util
     (tmp_path / "apex_min.py").write_text(open(apex_min.__file__).read())
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
@@ -693,7 +693,12 @@ def test_environment_names_the_commit_and_a_dirty_tree(tmp_path, monkeypatch):
     spec.loader.exec_module(copy_)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert copy_.environment()["git"] == head
-    (tmp_path / "notes.txt").write_text("untracked")                 # untracked files do not count
+    (tmp_path / "notes.txt").write_text("untracked")                 # untracked files do not count,
+    assert copy_.environment()["git"] == head
+    for args in (["add", "notes.txt"], ["commit", "-qm", "notes"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("a record written")          # nor changed files other than code
     assert copy_.environment()["git"] == head
     with open(tmp_path / "apex_min.py", "a") as f:
         f.write("# changed\n")
