@@ -1687,6 +1687,8 @@ def test_toy_ladder_script_at_test_size(tmp_path):
     record = json.loads((tmp_path / "results" / "toy_fake_share.json").read_text())
     assert list(record["rungs"]) == list(toy_ladder.FAKE)
     assert record["rungs"]["apex_best/fake0.5"]["settings"]["fake_share"] == 0.5
+    committed = toy_ladder.main(["--rungs", "fake", "--steps", "6000", "--report"])   # the committed record
+    assert list(committed["rungs"]) == list(toy_ladder.FAKE) and committed["settings"]["steps"] == 6000
 
 
 def test_readme_cifar_table_is_the_committed_record(tmp_path):

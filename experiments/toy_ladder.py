@@ -7,7 +7,8 @@
     python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~9 min),
                                                 # results/toy_ladder_steps3000.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
-    python experiments/toy_ladder.py --report   # the table of the committed record only
+    python experiments/toy_ladder.py --report   # the table of the committed record only (also
+                                                # with --rungs fake and --steps N: those records)
 
 Every rung fine-tunes the same pretrained flow ensemble (toy_2d.pretrain: 3 seeds x {ring, grid})
 for the same steps with the same draws, and is scored as toy_2d.py scores (1-NFE sliced W1, share
@@ -178,8 +179,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rungs", choices=("default", "all", "core", "fake"), default="default")
     p.add_argument("--report", action="store_true")
     args, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    stem = "toy_fake_share" if args.rungs == "fake" else "toy_ladder"
     if args.report:   # the table of a committed record (--steps N: that length's), without running
-        name = record_name(toy_2d.parse_settings(argv, prog="toy_ladder.py"))
+        name = record_name(toy_2d.parse_settings(argv, prog="toy_ladder.py"), stem)
         with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
                                name + ".json")) as f:
             record = json.load(f)
@@ -213,7 +215,7 @@ def main(argv=None) -> dict:
     rungs = {name: rungs[name] for name in chosen}                       # in the order of RUNGS
     record = {"rungs": rungs, "settings": dataclasses.asdict(settings), "env": am.environment(),
               "seconds_wall": round(time.time() - start, 1)}
-    name = record_name(settings, "toy_fake_share" if args.rungs == "fake" else "toy_ladder")
+    name = record_name(settings, stem)
     path = toy_2d.results_path(settings, name + ".json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
