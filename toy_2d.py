@@ -121,8 +121,7 @@ class ToyMLP(nn.Module):  # F(x_t, t, tt, c) of M members; the DiT's conditionin
         self.num_classes, self.members, self.freq_dim = num_classes, members, freq_dim
         M, D = members, width
         self.t_embed = nn.ModuleList([EnsembleLinear(M, freq_dim, D), EnsembleLinear(M, D, D)])
-        self.tt_embed = nn.ModuleList([EnsembleLinear(M, freq_dim, D),
-                                       EnsembleLinear(M, D, D, zero=True)])
+        self.tt_embed = nn.ModuleList([EnsembleLinear(M, freq_dim, D), EnsembleLinear(M, D, D, zero=True)])
         self.class_table = nn.Parameter(torch.randn(M, num_classes + 1, D))  # c_fake far from c
         self.inp = EnsembleLinear(M, 2, D)
         self.hidden = nn.ModuleList([EnsembleLinear(M, D, D) for _ in range(depth)])
@@ -141,14 +140,15 @@ class ToyMLP(nn.Module):  # F(x_t, t, tt, c) of M members; the DiT's conditionin
         return layers[1](F.silu(layers[0](torch.cat([torch.cos(args), torch.sin(args)], -1))))
 
     def forward(self, x, t, tt, c):  # x: (N, 2), t, tt: (N,), c: (N, D) -> (N, 2)
-        N = x.shape[0]
         x, t, tt, c = self.split(x), self.split(t), self.split(tt), self.split(c)   # (M, n, ...)
-        emb_t, emb_tt = self.embed_time(t, self.t_embed), self.embed_time(tt, self.tt_embed)
-        cond = emb_t + (t - tt)[..., None] * emb_tt + c                              # (M, n, D)
+        cond = self.embed_time(t, self.t_embed)                                      # (M, n, D)
+        if not torch.equal(t, tt):   # at tt = t (flow matching, Euler) the term is exactly 0: skipped
+            cond = cond + (t - tt)[..., None] * self.embed_time(tt, self.tt_embed)
+        cond = cond + c
         h = self.inp(x) + cond
         for layer in self.hidden:
             h = layer(F.silu(h)) + cond
-        return self.out(F.silu(h)).transpose(0, 1).reshape(N, 2)
+        return self.out(F.silu(h)).transpose(0, 1).reshape(-1, 2)
 
 
 def clip_per_member_(net: ToyMLP, max_norm: float) -> None:  # a global clip would couple members
