@@ -1655,9 +1655,11 @@ def test_toy_modes_script_at_test_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "results" / "toy_modes.json").read_text())
     toy_modes = _experiment("toy_modes")
-    assert list(record["rows"]) == ["target", *toy_modes.RUNGS]
+    assert list(record["rows"]) == ["target", *toy_modes.RUNGS, *[f"{n}@2" for n in toy_modes.RUNGS]]
     for row in record["rows"].values():
         assert set(row) == {"ring", "grid"} and set(row["ring"]) == set(toy_modes.METRICS)
+    for n in toy_modes.RUNGS:                   # a second step moves the samples: other numbers
+        assert record["rows"][f"{n}@2"]["ring"]["sw1"] != record["rows"][n]["ring"]["sw1"]
 
 
 def test_toy_ladder_script_at_test_size(tmp_path):

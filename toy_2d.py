@@ -406,9 +406,9 @@ def finetune(variant: str, pretrained: bytes, settings: ToySettings, loss=None) 
     if variant in ("fm", "paper"):   # fm: the multi-step reference; paper: is its flow still one?
         outputs[f"{variant}@{settings.euler_steps}"] = am.sample_euler(ema.model, z, y,
                                                                        settings.euler_steps)
-    return {"variant": variant, "config": dataclasses.asdict(cfg), "alignment": history,
+    return {"variant": variant, "config": dataclasses.asdict(cfg), "alignment": history, "last": raw,
             "rows": {row: member_quality(x, y, names) for row, x in outputs.items()},
-            "samples": {row: x.view(-1, M, 2) for row, x in outputs.items()}, "last": raw}
+            "samples": {row: x.view(-1, M, 2) for row, x in outputs.items()}, "ema": ema.model.state_dict()}
 
 
 # 8. Experiment and report =========================================================================

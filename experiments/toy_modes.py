@@ -15,7 +15,9 @@ ladder's records) and splits each member's 1-NFE samples three ways:
            centre, in units of the mixture's std
   spread   the RMS distance of those samples to the mean of their mode's samples, in units of the
            mixture's std (exact samples: about 1.38, a 2-D Gaussian cut at 3 sigma)
-The `target` row scores exact samples of the same size.
+The `target` row scores exact samples of the same size. Rows NAME@2 score the same rung's 2-NFE
+samples (apex_min.sample_fewstep from the same noise; d against consistency@2): the one-step rows
+are where the generator term acts, and a second step reads the any-step map at t = 0.6.
 """
 import dataclasses
 import json
@@ -56,12 +58,17 @@ def mode_metrics(x, y, name: str) -> dict:
             "spread": (radius.pow(2).mean().sqrt() / mix["std"]).item()}
 
 
-def run_rung(name: str, pretrained: bytes, settings) -> dict:  # per member: mode_metrics
+def run_rung(name: str, pretrained: bytes, settings) -> dict:  # per member: mode_metrics, 1 and 2 NFE
     objective = toy_ladder.RUNGS[name][0]
     result = toy_2d.finetune(objective, pretrained, settings, loss=toy_ladder.Rung(name, settings))
     x, names = result["samples"][f"{objective}@1"], toy_2d.member_names(settings)   # (n, M, 2)
+    net = toy_2d.ToyMLP(2, len(names), settings.width, settings.depth)
+    net.load_state_dict(result["ema"])                                # the EMA weights, as at 1 NFE
+    z, y, rng = toy_2d.evaluation_noise(settings, len(names))         # the 1-NFE row's noise again
+    x2 = am.sample_fewstep(net, z, y, nfe=2, generator=rng).view(-1, len(names), 2)
     y = torch.arange(x.shape[0]) % 2                                  # toy_2d.evaluation_noise
-    return {"name": name, "members": [mode_metrics(x[:, m], y, t) for m, t in enumerate(names)]}
+    return {"name": name, "members": [mode_metrics(x[:, m], y, t) for m, t in enumerate(names)],
+            "members2": [mode_metrics(x2[:, m], y, t) for m, t in enumerate(names)]}
 
 
 def target_row(settings) -> list:  # exact samples, as many per member as the rungs have
@@ -77,8 +84,9 @@ def main(argv=None) -> dict:
     start = time.time()
     pretrained = toy_2d.pretrain(settings)
     jobs = [(n, pretrained, settings) for n in sorted(RUNGS, key=toy_ladder.cost, reverse=True)]
-    members = {r["name"]: r["members"] for r in toy_2d.run_jobs(run_rung, jobs, settings.workers)}
-    members = {"target": target_row(settings), **{n: members[n] for n in RUNGS}}
+    done = {r["name"]: r for r in toy_2d.run_jobs(run_rung, jobs, settings.workers)}
+    members = {"target": target_row(settings), **{n: done[n]["members"] for n in RUNGS},
+               **{f"{n}@2": done[n]["members2"] for n in RUNGS}}                 # 2 NFE: row NAME@2
     names = toy_2d.member_names(settings)
     rows = {row: {t: {k: [q[k] for q, n in zip(qs, names) if n == t] for k in METRICS}
                   for t in dict.fromkeys(names)} for row, qs in members.items()}
@@ -101,8 +109,9 @@ def table(record: dict) -> str:
     for row, by_target in rows.items():
         for t, q in by_target.items():
             cells = [toy_2d.mean_std(q[k]) for k in METRICS]
-            if row != "target":
-                cells += [toy_2d.mean_std([a - b for a, b in zip(q[k], rows["consistency"][t][k])])
+            if row != "target":   # against consistency at the same NFE
+                base = rows["consistency@2" if row.endswith("@2") else "consistency"][t]
+                cells += [toy_2d.mean_std([a - b for a, b in zip(q[k], base[k])])
                           for k in ("mass_tv", "offset", "spread")]
             lines.append(f"{row:14s} {t:6s} " + " ".join(f"{m:8.4f}+-{s:.4f}" for m, s in cells))
     return "\n".join(lines)
