@@ -408,7 +408,7 @@ def finetune(variant: str, pretrained: bytes, settings: ToySettings, loss=None) 
                                                                        settings.euler_steps)
     return {"variant": variant, "config": dataclasses.asdict(cfg), "alignment": history, "last": raw,
             "rows": {row: member_quality(x, y, names) for row, x in outputs.items()},
-            "samples": {row: x.view(-1, M, 2) for row, x in outputs.items()}, "ema": ema.model.state_dict()}
+            "samples": {row: x.view(-1, M, 2) for row, x in outputs.items()}, "ema": ema.model}
 
 
 # 8. Experiment and report =========================================================================

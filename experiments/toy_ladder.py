@@ -77,6 +77,9 @@ EXTRA = ("released/oracle_both/clamp/w2", "released/oracle_both/dmd/w2",  # --ru
          "polish/oracle_real/dmd/w2", "polish/oracle_fake/dmd/w2")
 FAKE_ONLY = ("polish/gen0/fake0.5", "apex_best/fake0.5")                  # --rungs fake only
 FAKE = ("consistency", "polish/gen0", "apex_best") + FAKE_ONLY
+RUNG_SETS = {"default": [n for n in RUNGS if n not in EXTRA + FAKE_ONLY],       # --rungs: in RUNGS' order
+             "all": [n for n in RUNGS if n not in FAKE_ONLY], "core": [n for n in RUNGS if n in CORE],
+             "fake": [n for n in RUNGS if n in FAKE]}
 
 
 def cost(name: str) -> int:  # the relative CPU time of a rung: the oracle on every step is dear
@@ -176,7 +179,7 @@ def ladder_settings(settings):  # one alignment measurement, at the end, against
 
 def main(argv=None) -> dict:
     p = am.OneLineParser(prog="toy_ladder.py", add_help=False)   # the rest: toy_2d's flags
-    p.add_argument("--rungs", choices=("default", "all", "core", "fake"), default="default")
+    p.add_argument("--rungs", choices=tuple(RUNG_SETS), default="default")
     p.add_argument("--report", action="store_true")
     args, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     stem = "toy_fake_share" if args.rungs == "fake" else "toy_ladder"
@@ -188,8 +191,7 @@ def main(argv=None) -> dict:
         print(table(record))
         return record
     settings = toy_2d.parse_settings(argv, prog="toy_ladder.py")
-    chosen = [n for n in RUNGS if {"all": n not in FAKE_ONLY, "core": n in CORE, "fake": n in FAKE}.get(
-        args.rungs, n not in EXTRA + FAKE_ONLY)]
+    chosen = RUNG_SETS[args.rungs]
     settings = ladder_settings(settings)
     torch.set_num_threads(1)
     start = time.time()

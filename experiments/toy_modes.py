@@ -62,11 +62,9 @@ def run_rung(name: str, pretrained: bytes, settings) -> dict:  # per member: mod
     objective = toy_ladder.RUNGS[name][0]
     result = toy_2d.finetune(objective, pretrained, settings, loss=toy_ladder.Rung(name, settings))
     x, names = result["samples"][f"{objective}@1"], toy_2d.member_names(settings)   # (n, M, 2)
-    net = toy_2d.ToyMLP(2, len(names), settings.width, settings.depth)
-    net.load_state_dict(result["ema"])                                # the EMA weights, as at 1 NFE
-    z, y, rng = toy_2d.evaluation_noise(settings, len(names))         # the 1-NFE row's noise again
-    x2 = am.sample_fewstep(net, z, y, nfe=2, generator=rng).view(-1, len(names), 2)
-    y = torch.arange(x.shape[0]) % 2                                  # toy_2d.evaluation_noise
+    z, y_rows, rng = toy_2d.evaluation_noise(settings, len(names))    # the 1-NFE row's noise again
+    x2 = am.sample_fewstep(result["ema"], z, y_rows, nfe=2, generator=rng).view(-1, len(names), 2)
+    y = torch.arange(x.shape[0]) % 2                                  # one member's labels
     return {"name": name, "members": [mode_metrics(x[:, m], y, t) for m, t in enumerate(names)],
             "members2": [mode_metrics(x2[:, m], y, t) for m, t in enumerate(names)]}
 
