@@ -1695,7 +1695,7 @@ def test_toy_ladder_script_at_test_size(tmp_path):
 
 def test_readme_cifar_table_is_the_committed_record(tmp_path):
     """The README's CIFAR-10 table gives, per arm, the per-seed and mean +- std FID of
-    results/cifar_ablation.json, and `cifar_ablation.py collect` rebuilds that record from the
+    results/cifar_ablation.json (1,000 steps; 2,000 steps as mean +- std), and `cifar_ablation.py collect` rebuilds that record from the
     per-run records."""
     ablation = _experiment("cifar_ablation")
     merged = json.load(open(os.path.join(HERE, "results", "cifar_ablation.json")))
@@ -1710,6 +1710,11 @@ def test_readme_cifar_table_is_the_committed_record(tmp_path):
         m1, s1 = ablation.mean_std([r["fid10k_nfe1"] for r in runs])
         m2, s2 = ablation.mean_std([r["fid10k_nfe2"] for r in runs])
         assert seeds in line and f"{m1:.1f} +- {s1:.1f}" in line and f"{m2:.1f} +- {s2:.1f}" in line, line
+        runs_2k = merged["arms"][arm + "-2k"]                  # the 2,000-step columns, 3 seeds
+        assert sorted(r["seed"] for r in runs_2k) == [0, 1, 2], arm
+        for key in ("fid10k_nfe1", "fid10k_nfe2"):
+            m, s = ablation.mean_std([r[key] for r in runs_2k])
+            assert line.split("|")[5 if key.endswith("1") else 6].strip().strip("*") == f"{m:.1f} +- {s:.1f}", line
 
 
 def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys):
