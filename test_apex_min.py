@@ -1722,6 +1722,16 @@ def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys):
     record = profile.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "2", "--profile", "1",
                            "--batch-size", "24", "--out", str(tmp_path)])
     assert record["img_per_s"] > 0 and record["batch_size"] == 24 and record["profile_table"]
+    assert record["self_time_table"] and abs(sum(record["time_shares"].values()) - 1) < 1e-3
+    assert record["time_shares"]["matmul"] > 0          # the tiny DiT's linear layers, on the CPU
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [SimpleNamespace(key=k, device_type=d, self_cpu_time_total=c, self_device_time_total=g)
+              for k, d, c, g in [("aten::addmm", cpu, 0, 50), ("nvjet_sm90_tst_bias_TNN", gpu, 0, 60),
+                                 ("triton_poi_fused_gelu_view_16", gpu, 0, 20), ("Memset (Device)", gpu, 0, 10),
+                                 ("cudnn_generated_sdpa_flash_fprop", gpu, 0, 10)]]   # CPU ops: not counted
+    assert profile.time_shares(events, cuda=True) == {
+        "matmul": 0.6, "attention": 0.1, "memset and copy": 0.1,
+        "compiled elementwise and reductions": 0.2, "other": 0.0}
     assert json.load(open(tmp_path / "profile_apex_batch24.json"))["steps"] == 2
     with pytest.raises(SystemExit) as stop:   # a GPU-only option on a CPU: one line, exit 2
         profile.main(["--device", "cpu", "--tiny", "--sdpa", "flash"])

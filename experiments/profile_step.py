@@ -11,8 +11,9 @@
 The data are the synthetic shapes at 32x32 (no download): a step costs the same whatever the images
 show. After the compiling first step and `--warmup` more, `--steps` steps are timed (img/s), their
 FLOPs counted as cifar_demo.step_flops counts them (MFU against the bf16 peak measured here), and
-`--profile` further steps are recorded by torch.profiler: the table of the operators with the most
-device time is printed and, with --out, written with the numbers to a JSON record.
+`--profile` further steps are recorded by torch.profiler: the table of the kernels (CPU: operators)
+by their own time is printed with each category's share (matmul, attention, memset and copy, compiled
+elementwise, other) and, with --out, written with the numbers and the operator table to a JSON record.
 """
 import contextlib
 import json
@@ -27,6 +28,27 @@ import torch  # noqa: E402
 
 import apex_min as am  # noqa: E402
 import cifar_demo  # noqa: E402
+
+
+# what a kernel (CUDA) or operator (CPU) does, from its name; the first pattern that matches wins
+CATEGORIES = (("matmul", r"gemm|nvjet|cutlass|xmma|cublas|aten::(add)?mm$|aten::bmm$"),
+              ("attention", r"sdpa|attention|fmha|flash"),
+              ("memset and copy", r"(?i)memset|memcpy|aten::copy_$|aten::fill_$|aten::zero_$"),
+              ("compiled elementwise and reductions", r"^triton_"))
+
+
+def time_shares(events, cuda: bool) -> dict:
+    """Each category's share of the device time (CUDA: kernels' self time) or of the CPU time
+    (operators' self time), from profiler events; "other" is the rest."""
+    import re
+    totals = dict.fromkeys([name for name, _ in CATEGORIES] + ["other"], 0.0)
+    for e in events:
+        if cuda != (e.device_type != torch.autograd.DeviceType.CPU):
+            continue
+        spent = e.self_device_time_total if cuda else e.self_cpu_time_total
+        totals[next((n for n, pattern in CATEGORIES if re.search(pattern, e.key)), "other")] += spent
+    whole = sum(totals.values())
+    return {k: round(v / whole, 4) for k, v in totals.items()} if whole else {}
 
 
 def main(argv=None) -> dict:
@@ -89,13 +111,15 @@ def main(argv=None) -> dict:
     flops = cifar_demo.step_flops(cfg) * img_per_s
     peak = cifar_demo.measured_bf16_peak() if cuda else None
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    table = ""
+    table, kernels, shares = "", "", {}
     if args.profile:
         with torch.profiler.profile(activities=activities) as prof:
             steps(args.profile)
             sync()
         key = "cuda_time_total" if cuda else "cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+        kernels = prof.key_averages().table(sort_by="self_" + key, row_limit=40, max_name_column_width=60)
+        shares = time_shares(prof.key_averages(), cuda)
     variant = [name for name, on in ((args.compile_mode, args.compile_mode != "default"),
                                      (f"sdpa-{args.sdpa}", args.sdpa != "default"), ("tuning", args.tuning),
                                      (f"batch{args.batch_size}", args.batch_size)) if on]
@@ -105,8 +129,10 @@ def main(argv=None) -> dict:
               "step_gflops_per_image": round(cifar_demo.step_flops(cfg) / 1e9, 3),
               "model_tflops": round(flops / 1e12, 1), "peak_bf16_tflops": round(peak / 1e12, 1) if peak else None,
               "mfu": round(flops / peak, 4) if peak else None, "final_loss": round(loss.item(), 4),
-              "env": am.environment(), "profile_table": table}
-    print(table)
+              "env": am.environment(), "time_shares": shares, "profile_table": table,
+              "self_time_table": kernels}
+    print(kernels)
+    print("share of the profiled time: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
     print(f"{cfg.objective}: {img_per_s:.0f} img/s, {flops / 1e12:.1f} TFLOP/s"
           + (f", MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}" if peak else "") + f" ({record['env']['gpu']})")
     if args.out:
