@@ -131,8 +131,9 @@ def main(argv=None) -> dict:
               "mfu": round(flops / peak, 4) if peak else None, "final_loss": round(loss.item(), 4),
               "env": am.environment(), "time_shares": shares, "profile_table": table,
               "self_time_table": kernels}
-    print(kernels)
-    print("share of the profiled time: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+    if shares:
+        print(kernels)
+        print("share of the profiled time:", ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
     print(f"{cfg.objective}: {img_per_s:.0f} img/s, {flops / 1e12:.1f} TFLOP/s"
           + (f", MFU {100 * flops / peak:.1f}% of {peak / 1e12:.0f}" if peak else "") + f" ({record['env']['gpu']})")
     if args.out:
