@@ -691,18 +691,18 @@ def test_environment_names_the_commit_and_a_dirty_tree(tmp_path, monkeypatch):
     copy_ = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, copy_)                # its dataclasses look it up
     spec.loader.exec_module(copy_)
-    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert copy_.environment()["git"] == head
+    def head():
+        return subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert copy_.environment()["git"] == head()
     (tmp_path / "notes.txt").write_text("untracked")                 # untracked files do not count,
-    assert copy_.environment()["git"] == head
+    assert copy_.environment()["git"] == head()
     for args in (["add", "notes.txt"], ["commit", "-qm", "notes"]):
         subprocess.run(git + args, check=True, capture_output=True)
-    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (tmp_path / "notes.txt").write_text("a record written")          # nor changed files other than code
-    assert copy_.environment()["git"] == head
+    assert copy_.environment()["git"] == head()
     with open(tmp_path / "apex_min.py", "a") as f:
         f.write("# changed\n")
-    assert copy_.environment()["git"] == head + "-dirty"
+    assert copy_.environment()["git"] == head() + "-dirty"
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -1695,8 +1695,8 @@ def test_toy_ladder_script_at_test_size(tmp_path):
 
 def test_readme_cifar_table_is_the_committed_record(tmp_path):
     """The README's CIFAR-10 table gives, per arm, the per-seed and mean +- std FID of
-    results/cifar_ablation.json (1,000 steps; 2,000 steps as mean +- std), and `cifar_ablation.py collect` rebuilds that record from the
-    per-run records."""
+    results/cifar_ablation.json (1,000 steps; 2,000 steps as mean +- std), and
+    `cifar_ablation.py collect` rebuilds that record from the per-run records."""
     ablation = _experiment("cifar_ablation")
     merged = json.load(open(os.path.join(HERE, "results", "cifar_ablation.json")))
     assert ablation.merge() == merged

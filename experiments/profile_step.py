@@ -117,9 +117,10 @@ def main(argv=None) -> dict:
             steps(args.profile)
             sync()
         key = "cuda_time_total" if cuda else "cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
-        kernels = prof.key_averages().table(sort_by="self_" + key, row_limit=40, max_name_column_width=60)
-        shares = time_shares(prof.key_averages(), cuda)
+        events = prof.key_averages()
+        table = events.table(sort_by=key, row_limit=30, max_name_column_width=60)
+        kernels = events.table(sort_by="self_" + key, row_limit=40, max_name_column_width=60)
+        shares = time_shares(events, cuda)
     variant = [name for name, on in ((args.compile_mode, args.compile_mode != "default"),
                                      (f"sdpa-{args.sdpa}", args.sdpa != "default"), ("tuning", args.tuning),
                                      (f"batch{args.batch_size}", args.batch_size)) if on]

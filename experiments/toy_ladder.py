@@ -46,6 +46,8 @@ import toy_2d  # noqa: E402
 
 POLISH = {"polish_from": 0.8}
 S_FULL = {"gen_s_min": 0.05, "gen_s_max": 0.98}   # the oracle is unreliable at s -> 0 and 1
+BEST = {**POLISH, "gen_s_min": 0.02, "gen_s_max": 0.25, "gen_weight": 0.5}   # apex_best's settings
+HALF = {"fake_share": 0.5}
 RUNGS = {  # name: (objective, Config overrides, oracle)
     "consistency": ("consistency", {}, None),
     "gen0": ("apex", {"gen_weight": 0.0}, None),
@@ -63,11 +65,10 @@ RUNGS = {  # name: (objective, Config overrides, oracle)
     "polish/oracle_fake/dmd/w2": ("apex", {**POLISH, **S_FULL, "gen_weight": 2.0, "gen_norm": "dmd"}, "fake"),
     "polish/apex/clamp/w8": ("apex", {**POLISH, **S_FULL, "gen_weight": 8.0}, None),
     "polish/apex/dmd/w2": ("apex", {**POLISH, **S_FULL, "gen_weight": 2.0, "gen_norm": "dmd"}, None),
-    "apex_best": ("apex", {**POLISH, "gen_s_min": 0.02, "gen_s_max": 0.25, "gen_weight": 0.5}, None),
+    "apex_best": ("apex", BEST, None),
     # the fake rows as half the batch (a quarter by default): a fake branch trained on twice the rows
-    "polish/gen0/fake0.5": ("apex", {**POLISH, "gen_weight": 0.0, "fake_share": 0.5}, None),
-    "apex_best/fake0.5": ("apex", {**POLISH, "gen_s_min": 0.02, "gen_s_max": 0.25, "gen_weight": 0.5,
-                                   "fake_share": 0.5}, None),
+    "polish/gen0/fake0.5": ("apex", {**POLISH, "gen_weight": 0.0, **HALF}, None),
+    "apex_best/fake0.5": ("apex", {**BEST, **HALF}, None),
 }
 
 
