@@ -3,12 +3,14 @@
     python experiments/cifar_budget.py collect DIR [DIR ...]   # folders holding NAME_Mmin.json
     python experiments/cifar_budget.py plot                      # assets/cifar_fid_vs_time.png
 
-Every record is a run (`runs`). The curve joins, at each budget, the run named `curve...` (the
-chosen recipe) with the flow-matching run named `fm...` at the same minutes (its Euler-50 and
-1-NFE FID). A record's budget is the MINUTES of its name. MFU is the step's analytic FLOPs
+Every record is a run (`runs`). The curve joins, at each budget, the run of the cifar preset's
+recipe (what `python apex_min.py --dataset cifar` trains; the first by name where several share
+a budget) with the flow-matching run at the same minutes (its Euler-50 and 1-NFE FID). A
+record's budget is the MINUTES of its name. MFU is the step's analytic FLOPs
 (cifar_demo.step_flops) times the mean img/s of the run's last stage, over the bf16 peak measured
 on the same kind of GPU (--peak-tflops, default the peak in results/speed/profile_apex.json).
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -49,14 +51,23 @@ def run_row(name: str, record: dict, peak: float) -> dict:
             "img_per_s": img_s, "mfu": round(mfu, 4), "gpu": record["env"]["gpu"]}
 
 
+def preset_recipe() -> str:  # the recipe of `python apex_min.py --dataset cifar`
+    preset = apex_min.PRESETS["cifar"]
+    return recipe(dataclasses.asdict(apex_min.Config(**preset)), preset.get("flow_share", 0.0))
+
+
 def merge(peak: float) -> dict:
     runs = [run_row(name.removesuffix(".json"), json.load(open(os.path.join(RECORDS, name))), peak)
             for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")]
     fm = {r["minutes"]: r for r in runs if r["recipe"] == "fm"}
-    curve = [{"minutes": r["minutes"], "recipe": r["recipe"], "fid10k": r["fid10k"],
-              "fm_euler50": fm[r["minutes"]]["fm_euler50"] if r["minutes"] in fm else None,
-              "fm_nfe1": fm[r["minutes"]]["fid10k"]["1"] if r["minutes"] in fm else None}
-             for r in sorted(runs, key=lambda r: r["minutes"]) if r["name"].startswith("curve")]
+    chosen = {}
+    for r in runs:
+        if r["recipe"] == preset_recipe():
+            chosen.setdefault(r["minutes"], r)
+    curve = [{"minutes": m, "recipe": r["recipe"], "run": r["name"], "fid10k": r["fid10k"],
+              "fm_euler50": fm[m]["fm_euler50"] if m in fm else None,
+              "fm_nfe1": fm[m]["fid10k"]["1"] if m in fm else None}
+             for m, r in sorted(chosen.items())]
     return {"runs": runs, "curve": curve, "peak_bf16_tflops": peak}
 
 

@@ -4,9 +4,11 @@
 # for flow matching); FID50K=1 adds FID-50k (5,000 per class) at 1 and 2 NFE.
 #   bash experiments/cifar_budget.sh run NAME MINUTES [FLAGS ...]   # apex_min.py --dataset cifar
 # A run that exists is resumed; --minutes counts all of its training, so calling again with more
-# minutes extends a flow-matching run (constant rate), which is how one run gives every point of
-# the flow-matching curve. An APEX run with the cosine schedule plans its steps for its own
-# budget: each point of its curve is a run of its own. CALL_SECONDS=s interrupts the training
+# minutes extends a flow-matching run of constant rate (`--objective fm --lr-schedule constant`),
+# which is how one run gives every point of the flow-matching curve. The preset's recipe (flow
+# stage, then APEX with the cosine rate) plans its steps for its own budget: each point of its
+# curve is a run of its own, e.g. `run curve 11`. The 330 s splits were
+# `run splitF 5.5 --flow-share F --lr-schedule cosine` for F = 0.2, 0.4, 0.6. CALL_SECONDS=s interrupts the training
 # after s seconds (SIGINT: it saves a checkpoint); call again to resume. The record
 # $OUT/NAME_MINUTESmin.json holds config, env, summary (train_seconds_total for two stages), the
 # flow stage's summary, the FIDs and the log; `python experiments/cifar_budget.py collect DIR...`
