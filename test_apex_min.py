@@ -239,6 +239,20 @@ def test_dit_shape_and_plain_flow_at_tt_equal_t():
     assert not torch.allclose(net(x, t, 0.5 * t, c), out)           # tt < t: it has
 
 
+def test_mlp_fused_path_is_the_plain_mlp():
+    """MLP.fused (GELU in the first product's call, taken without gradient on a GPU) against the
+    plain Linear-GELU-Linear, here on the CPU, where that call's GELU is erf-based (on CUDA it is
+    the tanh form the model uses; experiments/profile_step.py checks it there): the tolerance
+    covers the two GELU forms (< 5e-4 apart), not a wrong shape, bias or transpose."""
+    torch.manual_seed(0)
+    mlp = apex_min.MLP(nn.Linear(8, 32), nn.GELU("tanh"), nn.Linear(32, 8))
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        plain = nn.Sequential.forward(mlp, x)
+        torch.testing.assert_close(mlp(x), plain, rtol=0, atol=0)     # the CPU takes the plain path
+        torch.testing.assert_close(mlp.fused(x), plain, rtol=0, atol=1e-3)
+        assert mlp.fused(x).shape == x.shape
+
 # ==================================================================================================
 # 3. Condition shift
 # ==================================================================================================
@@ -1717,10 +1731,13 @@ def test_readme_cifar_table_is_the_committed_record(tmp_path):
             assert line.split("|")[5 if key.endswith("1") else 6].strip().strip("*") == f"{m:.1f} +- {s:.1f}", line
 
 
-def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys):
+def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys, monkeypatch):
     profile = _experiment("profile_step")
+    monkeypatch.setattr(apex_min.MLP, "forward", apex_min.MLP.forward)   # --plain-mlp replaces it
     record = profile.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "2", "--profile", "1",
-                           "--batch-size", "24", "--out", str(tmp_path)])
+                           "--batch-size", "24", "--plain-mlp", "--bf16-stream", "--out", str(tmp_path)])
+    assert record["variant"] == ["batch24", "plain-mlp", "bf16-stream"]
+    assert set(record["mlp_fused_max_diff"]) == {"tanh", "none"}
     assert record["img_per_s"] > 0 and record["batch_size"] == 24 and record["profile_table"]
     assert record["self_time_table"] and abs(sum(record["time_shares"].values()) - 1) < 1e-3
     assert record["time_shares"]["matmul"] > 0          # the tiny DiT's linear layers, on the CPU
@@ -1732,7 +1749,7 @@ def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys):
     assert profile.time_shares(events, cuda=True) == {
         "matmul": 0.6, "attention": 0.1, "memset and copy": 0.1,
         "compiled elementwise and reductions": 0.2, "other": 0.0}
-    assert json.load(open(tmp_path / "profile_apex_batch24.json"))["steps"] == 2
+    assert json.load(open(tmp_path / "profile_apex_batch24_plain-mlp_bf16-stream.json"))["steps"] == 2
     with pytest.raises(SystemExit) as stop:   # a GPU-only option on a CPU: one line, exit 2
         profile.main(["--device", "cpu", "--tiny", "--sdpa", "flash"])
     assert stop.value.code == 2 and "needs a GPU" in capsys.readouterr().err

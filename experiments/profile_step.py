@@ -5,8 +5,9 @@
     python experiments/profile_step.py --device cpu --tiny   # smoke test: seconds, numbers meaningless
     python experiments/profile_step.py --sdpa flash --tuning --profile 0   # candidate changes, timed
 
---compile-mode, --sdpa (one attention kernel), --tuning (inductor's coordinate-descent tuning) and
---batch-size try changes against the default step; the record's name carries the variant.
+--compile-mode, --sdpa (one attention kernel), --tuning (inductor's coordinate-descent tuning),
+--batch-size, --plain-mlp (the step before MLP.fused) and --bf16-stream try changes against the
+default step; the record's name carries the variant.
 
 The data are the synthetic shapes at 32x32 (no download): a step costs the same whatever the images
 show. After the compiling first step and `--warmup` more, `--steps` steps are timed (img/s), their
@@ -51,6 +52,20 @@ def time_shares(events, cuda: bool) -> dict:
     return {k: round(v / whole, 4) for k, v in totals.items()} if whole else {}
 
 
+def fused_mlp_error(device, dim: int) -> dict:
+    """apex_min.MLP.fused (the path without gradient on a GPU) against Linear, GELU, Linear with
+    GELU's tanh form (the model's) and its erf form, in fp32 without TF32: on CUDA the first is at
+    rounding level and the second is not, which shows the fused call uses the model's GELU."""
+    torch.manual_seed(0)
+    mlp = am.MLP(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU("tanh"), torch.nn.Linear(4 * dim, dim))
+    mlp = mlp.to(device)
+    x = torch.randn(4096, dim, device=device)
+    with torch.no_grad(), cifar_demo.tf32(False):
+        fused = mlp.fused(x)
+        return {form: (fused - mlp[2](torch.nn.functional.gelu(mlp[0](x), approximate=form))).abs().max().item()
+                for form in ("tanh", "none")}
+
+
 def main(argv=None) -> dict:
     p = am.OneLineParser(prog="profile_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--objective", default="apex", choices=am.OBJECTIVES[:3])
@@ -66,6 +81,10 @@ def main(argv=None) -> dict:
     p.add_argument("--tuning", action="store_true",
                    help="inductor's coordinate-descent tuning of its generated kernels")
     p.add_argument("--batch-size", type=int, default=0, help="another global batch (0: the preset's)")
+    p.add_argument("--plain-mlp", action="store_true",
+                   help="the MLP's GELU as a kernel of its own without gradient too (no MLP.fused)")
+    p.add_argument("--bf16-stream", action="store_true",
+                   help="the residual stream in bf16 (the position embedding cast; default fp32)")
     p.add_argument("--out", default="", help="write profile_<objective>[_variant].json here")
     args = p.parse_args(argv)
     size = dict(dim=32, depth=1, heads=2, batch_size=16) if args.tiny else {}
@@ -81,6 +100,8 @@ def main(argv=None) -> dict:
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
     def attention():   # a fresh context each time: one from sdpa_kernel can be entered only once
         return sdpa_kernel(backends[args.sdpa]) if args.sdpa != "default" else contextlib.nullcontext()
+    if args.plain_mlp:
+        am.MLP.forward = torch.nn.Sequential.forward
     with tempfile.TemporaryDirectory() as tmp:
         cfg = am.Config(**{**am.PRESETS["cifar"], **size, "preset": "cifar", "dataset": "shapes",
                            "objective": args.objective, "device": args.device, "out_dir": tmp,
@@ -89,6 +110,9 @@ def main(argv=None) -> dict:
         am.validate(cfg)
         run = am.setup(cfg)
     cuda = run.device.type == "cuda"
+    if args.bf16_stream:   # patch embedding (bf16 under autocast) + a bf16 position embedding
+        for net in (run.net, run.ema.model):
+            net.pos = net.pos.to(torch.bfloat16)
     net_fn, targets_fn, autocast = am.step_functions(run, cfg, args.compile_mode)   # as train()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -123,15 +147,20 @@ def main(argv=None) -> dict:
         shares = time_shares(events, cuda)
     variant = [name for name, on in ((args.compile_mode, args.compile_mode != "default"),
                                      (f"sdpa-{args.sdpa}", args.sdpa != "default"), ("tuning", args.tuning),
-                                     (f"batch{args.batch_size}", args.batch_size)) if on]
+                                     (f"batch{args.batch_size}", args.batch_size),
+                                     ("plain-mlp", args.plain_mlp), ("bf16-stream", args.bf16_stream)) if on]
+    gelu_error = fused_mlp_error(run.device, cfg.dim)
     record = {"objective": cfg.objective, "compile_mode": args.compile_mode, "sdpa": args.sdpa,
               "tuning": args.tuning, "batch_size": cfg.batch_size, "steps": args.steps,
               "warmup_seconds": round(warm, 1), "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1),
               "step_gflops_per_image": round(cifar_demo.step_flops(cfg) / 1e9, 3),
               "model_tflops": round(flops / 1e12, 1), "peak_bf16_tflops": round(peak / 1e12, 1) if peak else None,
               "mfu": round(flops / peak, 4) if peak else None, "final_loss": round(loss.item(), 4),
+              "variant": variant, "mlp_fused_max_diff": gelu_error,
               "env": am.environment(), "time_shares": shares, "profile_table": table,
               "self_time_table": kernels}
+    print("MLP.fused against the plain MLP, fp32, max |difference|:",
+          ", ".join(f"GELU {form} {err:.2e}" for form, err in gelu_error.items()))
     if shares:
         print(kernels)
         print("share of the profiled time:", ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
