@@ -253,6 +253,7 @@ def test_mlp_fused_path_is_the_plain_mlp():
         torch.testing.assert_close(mlp.fused(x), plain, rtol=0, atol=1e-3)
         assert mlp.fused(x).shape == x.shape
 
+
 # ==================================================================================================
 # 3. Condition shift
 # ==================================================================================================

@@ -52,17 +52,17 @@ def run_row(name: str, record: dict, peak: float) -> dict:
 
 
 def preset_recipe() -> str:  # the recipe of `python apex_min.py --dataset cifar`
-    preset = apex_min.PRESETS["cifar"]
-    return recipe(dataclasses.asdict(apex_min.Config(**preset)), preset.get("flow_share", 0.0))
+    cfg = apex_min.Config(**apex_min.PRESETS["cifar"])
+    return recipe(dataclasses.asdict(cfg), cfg.flow_share)
 
 
 def merge(peak: float) -> dict:
     runs = [run_row(name.removesuffix(".json"), json.load(open(os.path.join(RECORDS, name))), peak)
             for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")]
     fm = {r["minutes"]: r for r in runs if r["recipe"] == "fm"}
-    chosen = {}
+    chosen, preset = {}, preset_recipe()
     for r in runs:
-        if r["recipe"] == preset_recipe():
+        if r["recipe"] == preset:
             chosen.setdefault(r["minutes"], r)
     curve = [{"minutes": m, "recipe": r["recipe"], "run": r["name"], "fid10k": r["fid10k"],
               "fm_euler50": fm[m]["fm_euler50"] if m in fm else None,

@@ -57,8 +57,8 @@ def fused_mlp_error(device, dim: int) -> dict:
     GELU's tanh form (the model's) and its erf form, in fp32 without TF32: on CUDA the first is at
     rounding level and the second is not, which shows the fused call uses the model's GELU."""
     torch.manual_seed(0)
-    mlp = am.MLP(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU("tanh"), torch.nn.Linear(4 * dim, dim))
-    mlp = mlp.to(device)
+    layers = torch.nn.Linear(dim, 4 * dim), torch.nn.GELU("tanh"), torch.nn.Linear(4 * dim, dim)
+    mlp = am.MLP(*layers).to(device)
     x = torch.randn(4096, dim, device=device)
     with torch.no_grad(), cifar_demo.tf32(False):
         fused = mlp.fused(x)
