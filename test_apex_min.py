@@ -1736,8 +1736,10 @@ def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys, mo
     profile = _experiment("profile_step")
     monkeypatch.setattr(apex_min.MLP, "forward", apex_min.MLP.forward)   # --plain-mlp replaces it
     record = profile.main(["--device", "cpu", "--tiny", "--warmup", "1", "--steps", "2", "--profile", "1",
-                           "--batch-size", "24", "--plain-mlp", "--bf16-stream", "--out", str(tmp_path)])
+                           "--batch-size", "24", "--plain-mlp", "--bf16-stream", "--peak-tflops", "100",
+                           "--out", str(tmp_path)])
     assert record["variant"] == ["batch24", "plain-mlp", "bf16-stream"]
+    assert record["peak_bf16_tflops"] == 100.0 and record["mfu"] is not None   # a given peak, on a CPU too
     assert set(record["mlp_fused_max_diff"]) == {"tanh", "none"}
     assert record["img_per_s"] > 0 and record["batch_size"] == 24 and record["profile_table"]
     assert record["self_time_table"] and abs(sum(record["time_shares"].values()) - 1) < 1e-3
@@ -1754,6 +1756,9 @@ def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys, mo
     with pytest.raises(SystemExit) as stop:   # a GPU-only option on a CPU: one line, exit 2
         profile.main(["--device", "cpu", "--tiny", "--sdpa", "flash"])
     assert stop.value.code == 2 and "needs a GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        profile.main(["--device", "cpu", "--tiny", "--peak-tflops", "-1"])
+    assert stop.value.code == 2 and "--peak-tflops" in capsys.readouterr().err
 
 
 def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ default step; the record's name carries the variant.
 
 The data are the synthetic shapes at 32x32 (no download): a step costs the same whatever the images
 show. After the compiling first step and `--warmup` more, `--steps` steps are timed (img/s), their
-FLOPs counted as cifar_demo.step_flops counts them (MFU against the bf16 peak measured here), and
+FLOPs counted as cifar_demo.step_flops counts them (MFU against the bf16 peak measured here, or
+--peak-tflops: one peak for the runs of a comparison), and
 `--profile` further steps are recorded by torch.profiler: the table of the kernels (CPU: operators)
 by their own time is printed with each category's share (matmul, attention, memset and copy, compiled
 elementwise, other) and, with --out, written with the numbers and the operator table to a JSON record.
@@ -85,8 +86,12 @@ def main(argv=None) -> dict:
                    help="the MLP's GELU as a kernel of its own without gradient too (no MLP.fused)")
     p.add_argument("--bf16-stream", action="store_true",
                    help="the residual stream in bf16 (the position embedding cast; default fp32)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="MFU against this bf16 peak (0: the peak measured here, which varies by a few %%)")
     p.add_argument("--out", default="", help="write profile_<objective>[_variant].json here")
     args = p.parse_args(argv)
+    if args.peak_tflops < 0:
+        p.error("--peak-tflops must be >= 0")
     size = dict(dim=32, depth=1, heads=2, batch_size=16) if args.tiny else {}
     if args.batch_size:
         size["batch_size"] = args.batch_size
@@ -133,7 +138,7 @@ def main(argv=None) -> dict:
     seconds = time.time() - start
     img_per_s = args.steps * cfg.batch_size / seconds
     flops = cifar_demo.step_flops(cfg) * img_per_s
-    peak = cifar_demo.measured_bf16_peak() if cuda else None
+    peak = args.peak_tflops * 1e12 or (cifar_demo.measured_bf16_peak() if cuda else None)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     table, kernels, shares = "", "", {}
     if args.profile:
