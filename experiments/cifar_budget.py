@@ -88,6 +88,8 @@ def plot(merged: dict, path: str = FIGURE) -> None:
     ax.set(xscale="log", yscale="log", xlabel="training minutes (compilation not counted)",
            ylabel="FID-10k", title=f"CIFAR-10, one {merged['runs'][0]['gpu'] if merged['runs'] else 'GPU'}")
     ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
+    ax.set_yticks([10, 20, 30, 50, 100, 200, 300], ["10", "20", "30", "50", "100", "200", "300"])
+    ax.tick_params(which="minor", labelbottom=False, labelleft=False)
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
