@@ -94,7 +94,7 @@ PRESETS = {
     "tiny": dict(dataset="shapes", image_size=16, patch_size=2, dim=64, depth=2, heads=2,
                  batch_size=64, lr=2e-4, max_steps=300, out_dir="runs/tiny"),
     # 330 s of training on one H100 or H200: flow matching for 60% of it, then APEX from that
-    # model with a cosine rate (the best of flow shares 0.2, 0.4, 0.6 in docs/results.md)
+    # model with a cosine rate (the best of flow shares 0.2-0.8 in docs/results.md)
     "cifar": dict(dataset="cifar", image_size=32, patch_size=2, dim=384, depth=8, heads=6,
                   batch_size=512, lr=3e-4, warmup_steps=200, max_steps=0, minutes=5.5,
                   flow_share=0.6, lr_schedule="cosine",
