@@ -8,11 +8,12 @@
 # which is how one run gives every point of the flow-matching curve. The preset's recipe (flow
 # stage, then APEX with the cosine rate) plans its steps for its own budget: each point of its
 # curve is a run of its own, e.g. `run curve 11`. The 330 s splits were
-# `run splitF 5.5 --flow-share F --lr-schedule cosine` for F = 0.2, 0.4, 0.6, 0.8. CALL_SECONDS=s
-# interrupts the training after s seconds (SIGINT: it saves a checkpoint); call again to resume. The record
-# $OUT/NAME_MINUTESmin.json holds config, env, summary (train_seconds_total for two stages), the
-# flow stage's summary, the FIDs and the log; `python experiments/cifar_budget.py collect DIR...`
-# merges the records into results/cifar_budget.json. TINY=1: CPU smoke test (see cifar_common.sh).
+# `run splitF 5.5 --flow-share F --lr-schedule cosine` for F = 0.2, 0.4, 0.6, 0.8.
+# CALL_SECONDS=s interrupts the training after s seconds (SIGINT: it saves a checkpoint); call
+# again to resume. The record $OUT/NAME_MINUTESmin.json holds config, env, summary
+# (train_seconds_total for two stages), the flow stage's summary, the FIDs and the log;
+# `python experiments/cifar_budget.py collect DIR...` merges the records into
+# results/cifar_budget.json. TINY=1: CPU smoke test (see cifar_common.sh).
 source "$(dirname "$0")/cifar_common.sh"
 [ "${1:-}" = run ] && [ $# -ge 3 ] || {
   echo "usage: bash experiments/cifar_budget.sh run NAME MINUTES [FLAGS ...]" >&2; exit 2; }

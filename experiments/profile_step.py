@@ -12,10 +12,10 @@ default step; the record's name carries the variant.
 The data are the synthetic shapes at 32x32 (no download): a step costs the same whatever the images
 show. After the compiling first step and `--warmup` more, `--steps` steps are timed (img/s), their
 FLOPs counted as cifar_demo.step_flops counts them (MFU against the bf16 peak measured here, or
---peak-tflops: one peak for the runs of a comparison), and
-`--profile` further steps are recorded by torch.profiler: the table of the kernels (CPU: operators)
-by their own time is printed with each category's share (matmul, attention, memset and copy, compiled
-elementwise, other) and, with --out, written with the numbers and the operator table to a JSON record.
+against --peak-tflops: one peak for all the runs of a comparison), and `--profile` further steps
+are recorded by torch.profiler: the table of the kernels (CPU: operators) by their own time is
+printed with each category's share (matmul, attention, memset and copy, compiled elementwise,
+other) and, with --out, written with the numbers and the operator table to a JSON record.
 """
 import contextlib
 import json
