@@ -1767,21 +1767,23 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     the `fm` run of the same minutes; MFU is step_flops * img/s / peak."""
     budget = _experiment("cifar_budget")
     monkeypatch.setattr(budget, "RECORDS", str(tmp_path))
-    def record(objective, minutes, fid, flow_minutes=None, euler=None):
+    def record(objective, minutes, fid, flow_minutes=None, euler=None, own_flow=True):
         cfg = dataclasses.asdict(apex_min.Config(**{**apex_min.PRESETS["cifar"], "objective": objective,
                                                      "minutes": minutes}))
         scores = {"1 NFE": {"fid": fid}, "2 NFE": {"fid": fid / 2}, **({"Euler 50": {"fid": euler}} if euler else {})}
         out = {"config": cfg, "env": {"gpu": "G"}, "fid": {"fid": scores},
                "summary": {"img_per_s_mean": 1000.0, "train_seconds": 60 * minutes, "step": 10}}
-        if flow_minutes:
-            out["flow_stage"] = {"config": {"minutes": flow_minutes}}
-            out["summary"]["train_seconds_total"] = 60 * (minutes + flow_minutes)
+        if flow_minutes:   # its own flow stage (the total in its summary), or FLOW_FROM's (none)
+            out["flow_stage"] = {"config": {"minutes": flow_minutes}, "summary": {"train_seconds": 60 * flow_minutes}}
+            if own_flow:
+                out["summary"]["train_seconds_total"] = 60 * (minutes + flow_minutes) + 1
         return out
     share = apex_min.PRESETS["cifar"]["flow_share"]
     for name, rec in (("a_split_5.5min", record("apex", 5.5 * 0.5, 30.0, flow_minutes=5.5 * 0.5)),
                       ("curve_5.5min", record("apex", 5.5 * (1 - share), 40.0, flow_minutes=5.5 * share)),
                       ("fm_5.5min", record("fm", 5.5, 300.0, euler=45.0)),
-                      ("fm_11min", record("fm", 11, 250.0, euler=30.0))):
+                      ("fm_11min", record("fm", 11, 250.0, euler=30.0)),
+                      ("shared_5.5min", record("apex", 5.5 * (1 - share), 35.0, 5.5 * share, own_flow=False))):
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
     merged = budget.merge(peak=500.0)
     (curve,) = merged["curve"]
@@ -1790,7 +1792,9 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     assert curve["recipe"] == budget.preset_recipe()
     assert curve["recipe"].startswith(f"flow_share={share:g} objective=apex lr_schedule=cosine")
     run = next(r for r in merged["runs"] if r["name"] == "curve_5.5min")
-    assert run["train_seconds_total"] == 330.0 and run["fid50k"] is None
+    assert run["train_seconds_total"] == 331.0 and run["fid50k"] is None
+    shared = next(r for r in merged["runs"] if r["name"] == "shared_5.5min")   # sorts after "curve"
+    assert shared["train_seconds_total"] == 330.0 and shared["recipe"] == curve["recipe"]
     flops = cifar_demo.step_flops(apex_min.Config(**apex_min.PRESETS["cifar"]))
     assert run["mfu"] == round(flops * 1000.0 / 500e12, 4)
 

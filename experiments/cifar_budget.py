@@ -44,7 +44,8 @@ def run_row(name: str, record: dict, peak: float) -> dict:
     img_s = summary["img_per_s_mean"]
     mfu = cifar_demo.step_flops(apex_min.Config(**cfg)) * img_s / (peak * 1e12)
     return {"name": name, "recipe": recipe(cfg, flow / minutes), "minutes": minutes,
-            "train_seconds_total": summary.get("train_seconds_total", summary["train_seconds"]),
+            "train_seconds_total": summary.get("train_seconds_total", round(summary["train_seconds"] + (
+                record["flow_stage"]["summary"]["train_seconds"] if "flow_stage" in record else 0), 1)),
             "steps": summary["step"], "fid10k": fids(record),
             "fid50k": fids(record, "fid_fid50k") if "fid_fid50k" in record else None,
             "fm_euler50": round(euler["fid"], 2) if (euler := record["fid"]["fid"].get("Euler 50")) else None,

@@ -9,6 +9,10 @@
 # stage, then APEX with the cosine rate) plans its steps for its own budget: each point of its
 # curve is a run of its own, e.g. `run curve 11`. The 330 s splits were
 # `run splitF 5.5 --flow-share F --lr-schedule cosine` for F = 0.2, 0.4, 0.6, 0.8.
+# FLOW_FROM=runs/X/flow trains only the APEX stage, from that finished flow stage, for the rest of
+# the budget (MINUTES minus its minutes): arms that differ in the APEX stage share one teacher,
+# e.g. `FLOW_FROM=runs/stage330_preset/flow ... run stage330_gen0 5.5 --gen-weight 0`; the record
+# carries that flow stage, so the run counts its time and share as a two-stage run's.
 # CALL_SECONDS=s interrupts the training after s seconds (SIGINT: it saves a checkpoint); call
 # again to resume. The record $OUT/NAME_MINUTESmin.json holds config, env, summary
 # (train_seconds_total for two stages), the flow stage's summary, the FIDs and the log;
@@ -20,6 +24,19 @@ source "$(dirname "$0")/cifar_common.sh"
 name=$2 minutes=$3
 shift 3
 data
+init=()
+if [ -n "${FLOW_FROM:-}" ]; then   # the APEX stage alone, from a finished flow stage
+  init=($(python - "$FLOW_FROM" "$minutes" <<'PY'
+import json, os, sys
+flow, minutes = sys.argv[1], float(sys.argv[2])
+done = os.path.exists(f"{flow}/summary.json") and json.load(open(f"{flow}/summary.json"))["stop"] != "interrupted"
+left = minutes - json.load(open(f"{flow}/config.json"))["minutes"] if done else 0
+if not done or not flow.rstrip("/").endswith("/flow") or left <= 0:
+    sys.exit(f"FLOW_FROM={flow}: not a finished flow stage (NAME/flow) shorter than {minutes} minutes")
+print(f"--init-from {flow.rstrip('/')}/ckpt.pt --minutes {left}")
+PY
+  ))
+fi
 eval_dir=runs/$name/eval_${minutes}min
 if [ ! -f $eval_dir/fid_results.json ]; then
   resume=""
@@ -27,7 +44,7 @@ if [ ! -f $eval_dir/fid_results.json ]; then
   rm -f runs/$name/summary.json
   set +e
   timeout -s INT ${CALL_SECONDS:-0} python apex_min.py --dataset cifar --minutes $minutes \
-    --out-dir runs/$name $resume $TRAIN "$@" >> runs/$name.log 2>&1
+    --out-dir runs/$name $resume $TRAIN "${init[@]}" "$@" >> runs/$name.log 2>&1
   rc=$?
   set -e
   if [ $rc -eq 124 ] || [ $rc -eq 130 ]; then echo "$name: interrupted; call again to resume"; exit 0; fi

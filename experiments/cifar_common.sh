@@ -35,8 +35,10 @@ run, out, fids = sys.argv[1], sys.argv[2], sys.argv[3:] or [sys.argv[1]]
 record = {k: json.load(open(f"{run}/{k}.json")) for k in ("config", "env", "summary")}
 record["fid"] = json.load(open(f"{fids[0]}/fid_results.json"))
 record.update({f"fid_{os.path.basename(f)}": json.load(open(f"{f}/fid_results.json")) for f in fids[1:]})
-if os.path.exists(f"{run}/flow/summary.json"):      # a two-stage run: its flow stage too
-    record["flow_stage"] = {k: json.load(open(f"{run}/flow/{k}.json")) for k in ("config", "summary")}
+flow = f"{run}/flow" if os.path.exists(f"{run}/flow") else os.path.dirname(record["config"]["init_from"])
+if os.path.basename(flow) == "flow" and os.path.exists(f"{flow}/summary.json"):   # two stages: the flow
+    record["flow_stage"] = {k: json.load(open(f"{flow}/{k}.json")) for k in ("config", "summary")}
+    record["flow_stage"]["dir"] = flow          # this run's own, or FLOW_FROM's (a shared teacher)
 record["log"] = [json.loads(line) for line in open(f"{run}/log.jsonl")]
 json.dump(record, open(out, "w"), indent=1)
 PY
