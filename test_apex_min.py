@@ -1664,6 +1664,21 @@ def test_toy_modes_metrics_read_mass_and_spread_off_known_samples():
     assert piled_q["sw1"] > exact["sw1"]
 
 
+def test_toy_grid_start_script_at_test_size(tmp_path):
+    """experiments/toy_grid_start.py: four grids from the same noise; its 0.999 rows at 1 NFE are
+    toy_2d's own 1-NFE rows, and starting at t = 1 moves the samples (other numbers)."""
+    done = subprocess.run([sys.executable, "experiments/toy_grid_start.py", "--fast", "--out", str(tmp_path)],
+                          cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "results" / "toy_grid_start.json").read_text())
+    grid_start = _experiment("toy_grid_start")
+    assert record["same_as_toy_2d"] and set(record["rows"]) == set(grid_start.VARIANTS)
+    for rows in record["rows"].values():
+        assert list(rows) == list(grid_start.GRIDS)
+        assert rows["1 NFE from 1"]["ring"] != rows["1 NFE from 0.999"]["ring"]
+    assert "equal toy_2d's: True" in done.stdout
+
+
 def test_toy_modes_script_at_test_size(tmp_path):
     done = subprocess.run([sys.executable, "experiments/toy_modes.py", "--fast", "--out", str(tmp_path)],
                           cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
