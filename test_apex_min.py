@@ -1664,6 +1664,22 @@ def test_toy_modes_metrics_read_mass_and_spread_off_known_samples():
     assert piled_q["sw1"] > exact["sw1"]
 
 
+def test_toy_ladder_ahead_rungs_update_the_fake_branch_at_test_size(tmp_path):
+    """--rungs ahead: each NAME/ahead4 rung has NAME's settings and pretrained ensemble and takes the
+    extra fake-only updates, so its samples differ from NAME's; its alignment is measured."""
+    toy_ladder = _experiment("toy_ladder")
+    done = subprocess.run([sys.executable, "experiments/toy_ladder.py", "--rungs", "ahead", "--fast", "--out",
+                           str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rungs = json.loads((tmp_path / "results" / "toy_fake_ahead.json").read_text())["rungs"]
+    assert list(rungs) == list(toy_ladder.AHEAD) and len(toy_ladder.AHEAD_ONLY) == 4
+    for name in toy_ladder.AHEAD_ONLY:
+        base = name.removesuffix("/ahead4")
+        assert rungs[name]["settings"] == rungs[base]["settings"]
+        assert rungs[name]["ring"]["sw1"] != rungs[base]["ring"]["sw1"]
+        assert "by_s" in rungs[name]["ring"]
+
+
 def test_toy_grid_start_script_at_test_size(tmp_path):
     """experiments/toy_grid_start.py: four grids from the same noise; its 0.999 rows at 1 NFE are
     toy_2d's own 1-NFE rows, and starting at t = 1 moves the samples (other numbers)."""
@@ -1700,7 +1716,7 @@ def test_toy_ladder_script_at_test_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "results" / "toy_ladder.json").read_text())
     toy_ladder = _experiment("toy_ladder")
-    assert list(record["rungs"]) == [n for n in toy_ladder.RUNGS if n not in toy_ladder.EXTRA + toy_ladder.FAKE_ONLY]
+    assert list(record["rungs"]) == [n for n in toy_ladder.RUNGS if n not in toy_ladder.EXTRA + toy_ladder.FAKE_ONLY + toy_ladder.AHEAD_ONLY]
     for name in ("consistency", "gen0", "apex_released", "oracle_both", "oracle_real", "oracle_fake",
                  "apex_best"):
         for target in ("ring", "grid"):

@@ -4,6 +4,8 @@
     python experiments/toy_ladder.py --rungs all  # 17: also the scan's EXTRA rungs (~12 min)
     python experiments/toy_ladder.py --rungs fake   # the fake rows as half the batch, FAKE rungs
                                                 # (~3 min), results/toy_fake_share.json
+    python experiments/toy_ladder.py --rungs ahead  # the fake branch kept ahead, AHEAD rungs
+                                                # (~15 min), results/toy_fake_ahead.json
     python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~9 min),
                                                 # results/toy_ladder_steps3000.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
@@ -28,7 +30,10 @@ rate is small, and the one-step rows then free of their consistency loss), each 
 normalisation (clamp) and the DMD one (dmd), at the weights in RUNGS. The plain names oracle_both,
 oracle_real and oracle_fake are the polish recipe with clamp at weight 8 (the best oracle_both of
 the scan); apex_best is the polish recipe with the learned term drawn at s < 0.25 (where the
-learned difference is aligned) at weight 0.5. Record keys per target: sw1, share3 (the share
+learned difference is aligned) at weight 0.5. A rung NAME/ahead4 is NAME with its fake branch kept
+ahead of the generator: before each step, 4 optimiser steps on the fake rows' loss alone (a batch
+of the generator's one-step samples, flow matching under c_fake; fake_rows_loss), with an AdamW of
+their own at the step's learning rate; the generator's steps stay 1 per step. Record keys per target: sw1, share3 (the share
 within 3 sigma), coverage, per seed; by_s: cosine and each branch's error at the last step.
 """
 import dataclasses
@@ -69,7 +74,13 @@ RUNGS = {  # name: (objective, Config overrides, oracle)
     # the fake rows as half the batch (a quarter by default): a fake branch trained on twice the rows
     "polish/gen0/fake0.5": ("apex", {**POLISH, "gen_weight": 0.0, **HALF}, None),
     "apex_best/fake0.5": ("apex", {**BEST, **HALF}, None),
+    # the fake branch kept ahead: 4 fake-only updates before each step (Rung.update_fake_branch)
+    "gen0/ahead4": ("apex", {"gen_weight": 0.0}, None),
+    "apex_released/ahead4": ("apex", {}, None),
+    "polish/gen0/ahead4": ("apex", {**POLISH, "gen_weight": 0.0}, None),
+    "apex_best/ahead4": ("apex", BEST, None),
 }
+AHEAD_UPDATES = 4
 
 
 CORE = ("consistency", "gen0", "apex_released", "polish/gen0", "oracle_both", "oracle_real", "oracle_fake",
@@ -78,14 +89,17 @@ EXTRA = ("released/oracle_both/clamp/w2", "released/oracle_both/dmd/w2",  # --ru
          "polish/oracle_real/dmd/w2", "polish/oracle_fake/dmd/w2")
 FAKE_ONLY = ("polish/gen0/fake0.5", "apex_best/fake0.5")                  # --rungs fake only
 FAKE = ("consistency", "polish/gen0", "apex_best") + FAKE_ONLY
-RUNG_SETS = {"default": [n for n in RUNGS if n not in EXTRA + FAKE_ONLY],       # --rungs: in RUNGS' order
-             "all": [n for n in RUNGS if n not in FAKE_ONLY], "core": [n for n in RUNGS if n in CORE],
+AHEAD_ONLY = tuple(n for n in RUNGS if n.endswith("/ahead4"))                 # --rungs ahead only
+AHEAD = ("consistency", "gen0", "apex_released", "polish/gen0", "apex_best") + AHEAD_ONLY
+RUNG_SETS = {"default": [n for n in RUNGS if n not in EXTRA + FAKE_ONLY + AHEAD_ONLY],  # in RUNGS' order
+             "all": [n for n in RUNGS if n not in FAKE_ONLY + AHEAD_ONLY], "core": [n for n in RUNGS if n in CORE],
+             "ahead": [n for n in RUNGS if n in AHEAD],
              "fake": [n for n in RUNGS if n in FAKE]}
 
 
 def cost(name: str) -> int:  # the relative CPU time of a rung: the oracle on every step is dear
     oracle, polish = RUNGS[name][2], RUNGS[name][1].get("polish_from", 0) > 0
-    return 1 + (0 if oracle is None else 1 if polish else 4)
+    return 1 + (0 if oracle is None else 1 if polish else 4) + 2 * name.endswith("/ahead4")
 
 
 class Oracle:
@@ -120,20 +134,47 @@ class Oracle:
         return (learned_fake, v_real.float()) if self.mode == "real" else (v_fake.float(), learned_real)
 
 
+def fake_rows_loss(net, y, cfg):
+    """apex_min.apex_loss's fake rows on a batch of their own: the generator's one-step samples
+    without gradient (step 2), noised to t ~ U(0, 1), flow matching under c_fake (step 3) with the
+    robust loss at weight 1 (step 6)."""
+    c = net.embed_class(y)
+    x_gen = am.onestep_samples(net, torch.randn(len(y), 2), c.detach())
+    t, z = torch.rand(len(y)), torch.randn(len(y), 2)
+    c_fake = am.condition_shift(c, torch.ones(len(y), dtype=torch.bool), cfg.shift_a, cfg.shift_b)
+    return am.robust_loss(net(am.interpolate(x_gen, z, t), t, t, c_fake), z - x_gen, cfg.robust_c).mean()
+
+
 class Rung:
     """A loss with apex_min.training_loss's signature for one rung (picklable for the workers):
-    the rung's options, the polish schedule by step, and the oracle where the rung has one."""
+    the rung's options, the polish schedule by step, the oracle where the rung has one, and the
+    fake-only updates of the /ahead4 rungs."""
 
     def __init__(self, name: str, settings):
-        self.name, self.settings, self.step, self.oracle = name, settings, 0, None
+        self.name, self.settings, self.step, self.oracle, self.fake_opt = name, settings, 0, None, None
 
     def __call__(self, net, ema, x, y, cfg):
         objective, overrides, oracle = RUNGS[self.name]
         if oracle and self.oracle is None:
             self.oracle = Oracle(toy_2d.member_names(self.settings), oracle)
         cfg = am.scheduled(dataclasses.replace(cfg, **overrides), self.step, self.settings.steps)
+        if self.name.endswith("/ahead4"):
+            self.update_fake_branch(net, y, cfg)
         self.step += 1
         return am.training_loss(net, ema, x, y, cfg, self.oracle or am.shifted_velocities)
+
+    def update_fake_branch(self, net, y, cfg):
+        """AHEAD_UPDATES optimiser steps on fake_rows_loss, as toy_2d.train_steps takes a step (the
+        loss times the members, the clip per member), with their own AdamW (the released betas)."""
+        if self.fake_opt is None:
+            self.fake_opt = torch.optim.AdamW(net.parameters(), betas=(0.9, 0.99), weight_decay=0.0)
+        self.fake_opt.param_groups[0]["lr"] = toy_2d.cosine_lr(self.settings)(self.step)
+        for _ in range(AHEAD_UPDATES):
+            loss = fake_rows_loss(net, y, cfg)
+            self.fake_opt.zero_grad(set_to_none=True)
+            (loss * net.members).backward()
+            toy_2d.clip_per_member_(net, self.settings.grad_clip)
+            self.fake_opt.step()
 
 
 def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
@@ -146,7 +187,7 @@ def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
 
 
 FIGURE = ("consistency", "apex_released", "oracle_both", "oracle_real", "oracle_fake", "apex_best",
-          "apex_best/fake0.5")
+          "apex_best/fake0.5", "apex_released/ahead4", "apex_best/ahead4")
 
 
 def figure(samples: dict, record: dict, path: str) -> None:
@@ -183,7 +224,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rungs", choices=tuple(RUNG_SETS), default="default")
     p.add_argument("--report", action="store_true")
     args, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    stem = "toy_fake_share" if args.rungs == "fake" else "toy_ladder"
+    stem = {"fake": "toy_fake_share", "ahead": "toy_fake_ahead"}.get(args.rungs, "toy_ladder")
     if args.report:   # the table of a committed record (--steps N: that length's), without running
         name = record_name(toy_2d.parse_settings(argv, prog="toy_ladder.py"), stem)
         with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
