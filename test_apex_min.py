@@ -1672,9 +1672,9 @@ def test_toy_ladder_ahead_rungs_update_the_fake_branch_at_test_size(tmp_path):
                            str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     rungs = json.loads((tmp_path / "results" / "toy_fake_ahead.json").read_text())["rungs"]
-    assert list(rungs) == list(toy_ladder.AHEAD) and len(toy_ladder.AHEAD_ONLY) == 4
+    assert list(rungs) == list(toy_ladder.AHEAD) and len(toy_ladder.AHEAD_ONLY) == 12
     for name in toy_ladder.AHEAD_ONLY:
-        base = name.removesuffix("/ahead4")
+        base = toy_ladder.AHEAD_RUNGS[name][0]
         assert rungs[name]["settings"] == rungs[base]["settings"]
         assert rungs[name]["ring"]["sw1"] != rungs[base]["ring"]["sw1"]
         assert "by_s" in rungs[name]["ring"]

@@ -5,7 +5,7 @@
     python experiments/toy_ladder.py --rungs fake   # the fake rows as half the batch, FAKE rungs
                                                 # (~3 min), results/toy_fake_share.json
     python experiments/toy_ladder.py --rungs ahead  # the fake branch kept ahead, AHEAD rungs
-                                                # (~15 min), results/toy_fake_ahead.json
+                                                # (~20 min), results/toy_fake_ahead.json
     python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~9 min),
                                                 # results/toy_ladder_steps3000.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
@@ -33,7 +33,8 @@ the scan); apex_best is the polish recipe with the learned term drawn at s < 0.2
 learned difference is aligned) at weight 0.5. A rung NAME/ahead4 is NAME with its fake branch kept
 ahead of the generator: before each step, 4 optimiser steps on the fake rows' loss alone (a batch
 of the generator's one-step samples, flow matching under c_fake; fake_rows_loss), with an AdamW of
-their own at the step's learning rate; the generator's steps stay 1 per step. Record keys per target: sw1, share3 (the share
+their own at the step's learning rate; the generator's steps stay 1 per step. NAME/ahead1 takes 1
+such step, NAME/ahead4/lr0.25 takes 4 at a quarter of the rate (AHEAD_TAGS). Record keys per target: sw1, share3 (the share
 within 3 sigma), coverage, per seed; by_s: cosine and each branch's error at the last step.
 """
 import dataclasses
@@ -74,13 +75,13 @@ RUNGS = {  # name: (objective, Config overrides, oracle)
     # the fake rows as half the batch (a quarter by default): a fake branch trained on twice the rows
     "polish/gen0/fake0.5": ("apex", {**POLISH, "gen_weight": 0.0, **HALF}, None),
     "apex_best/fake0.5": ("apex", {**BEST, **HALF}, None),
-    # the fake branch kept ahead: 4 fake-only updates before each step (Rung.update_fake_branch)
-    "gen0/ahead4": ("apex", {"gen_weight": 0.0}, None),
-    "apex_released/ahead4": ("apex", {}, None),
-    "polish/gen0/ahead4": ("apex", {**POLISH, "gen_weight": 0.0}, None),
-    "apex_best/ahead4": ("apex", BEST, None),
 }
-AHEAD_UPDATES = 4
+# the fake branch kept ahead (Rung.update_fake_branch): NAME/TAG is NAME with, before each step,
+# `updates` fake-only optimiser steps at `scale` times the step's learning rate
+AHEAD_TAGS = {"ahead4": (4, 1.0), "ahead1": (1, 1.0), "ahead4/lr0.25": (4, 0.25)}
+AHEAD_RUNGS = {f"{base}/{tag}": (base, *AHEAD_TAGS[tag]) for tag in AHEAD_TAGS
+               for base in ("gen0", "apex_released", "polish/gen0", "apex_best")}
+RUNGS.update({name: RUNGS[base] for name, (base, _, _) in AHEAD_RUNGS.items()})
 
 
 CORE = ("consistency", "gen0", "apex_released", "polish/gen0", "oracle_both", "oracle_real", "oracle_fake",
@@ -89,7 +90,7 @@ EXTRA = ("released/oracle_both/clamp/w2", "released/oracle_both/dmd/w2",  # --ru
          "polish/oracle_real/dmd/w2", "polish/oracle_fake/dmd/w2")
 FAKE_ONLY = ("polish/gen0/fake0.5", "apex_best/fake0.5")                  # --rungs fake only
 FAKE = ("consistency", "polish/gen0", "apex_best") + FAKE_ONLY
-AHEAD_ONLY = tuple(n for n in RUNGS if n.endswith("/ahead4"))                 # --rungs ahead only
+AHEAD_ONLY = tuple(AHEAD_RUNGS)                                              # --rungs ahead only
 AHEAD = ("consistency", "gen0", "apex_released", "polish/gen0", "apex_best") + AHEAD_ONLY
 RUNG_SETS = {"default": [n for n in RUNGS if n not in EXTRA + FAKE_ONLY + AHEAD_ONLY],  # in RUNGS' order
              "all": [n for n in RUNGS if n not in FAKE_ONLY + AHEAD_ONLY], "core": [n for n in RUNGS if n in CORE],
@@ -99,7 +100,7 @@ RUNG_SETS = {"default": [n for n in RUNGS if n not in EXTRA + FAKE_ONLY + AHEAD_
 
 def cost(name: str) -> int:  # the relative CPU time of a rung: the oracle on every step is dear
     oracle, polish = RUNGS[name][2], RUNGS[name][1].get("polish_from", 0) > 0
-    return 1 + (0 if oracle is None else 1 if polish else 4) + 2 * name.endswith("/ahead4")
+    return 1 + (0 if oracle is None else 1 if polish else 4) + AHEAD_RUNGS.get(name, (0, 0))[1] // 2
 
 
 class Oracle:
@@ -158,18 +159,19 @@ class Rung:
         if oracle and self.oracle is None:
             self.oracle = Oracle(toy_2d.member_names(self.settings), oracle)
         cfg = am.scheduled(dataclasses.replace(cfg, **overrides), self.step, self.settings.steps)
-        if self.name.endswith("/ahead4"):
-            self.update_fake_branch(net, y, cfg)
+        if self.name in AHEAD_RUNGS:
+            self.update_fake_branch(net, y, cfg, *AHEAD_RUNGS[self.name][1:])
         self.step += 1
         return am.training_loss(net, ema, x, y, cfg, self.oracle or am.shifted_velocities)
 
-    def update_fake_branch(self, net, y, cfg):
-        """AHEAD_UPDATES optimiser steps on fake_rows_loss, as toy_2d.train_steps takes a step (the
-        loss times the members, the clip per member), with their own AdamW (the released betas)."""
+    def update_fake_branch(self, net, y, cfg, updates: int, scale: float):
+        """`updates` optimiser steps on fake_rows_loss at `scale` times the step's rate, as
+        toy_2d.train_steps takes a step (the loss times the members, the clip per member), with an
+        AdamW of their own (the released betas)."""
         if self.fake_opt is None:
             self.fake_opt = torch.optim.AdamW(net.parameters(), betas=(0.9, 0.99), weight_decay=0.0)
-        self.fake_opt.param_groups[0]["lr"] = toy_2d.cosine_lr(self.settings)(self.step)
-        for _ in range(AHEAD_UPDATES):
+        self.fake_opt.param_groups[0]["lr"] = scale * toy_2d.cosine_lr(self.settings)(self.step)
+        for _ in range(updates):
             loss = fake_rows_loss(net, y, cfg)
             self.fake_opt.zero_grad(set_to_none=True)
             (loss * net.members).backward()
@@ -187,7 +189,8 @@ def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
 
 
 FIGURE = ("consistency", "apex_released", "oracle_both", "oracle_real", "oracle_fake", "apex_best",
-          "apex_best/fake0.5", "apex_released/ahead4", "apex_best/ahead4")
+          "apex_best/fake0.5", "apex_released/ahead4", "apex_best/ahead4", "apex_best/ahead1",
+          "apex_best/ahead4/lr0.25")
 
 
 def figure(samples: dict, record: dict, path: str) -> None:
