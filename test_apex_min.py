@@ -1680,6 +1680,39 @@ def test_toy_ladder_ahead_rungs_update_the_fake_branch_at_test_size(tmp_path):
         assert "by_s" in rungs[name]["ring"]
 
 
+def test_toy_ladder_separate_fake_network_at_test_size(tmp_path):
+    """--rungs separate: NAME/sepK takes v_fake from a second network trained on the generator's
+    samples; only the term sees it, so its samples differ from NAME's while gen0's do not change."""
+    toy_ladder = _experiment("toy_ladder")
+    done = subprocess.run([sys.executable, "experiments/toy_ladder.py", "--rungs", "separate", "--fast", "--out",
+                           str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rungs = json.loads((tmp_path / "results" / "toy_fake_separate.json").read_text())["rungs"]
+    assert list(rungs) == list(toy_ladder.SEPARATE)
+    for name, (base, _) in toy_ladder.SEPARATE_RUNGS.items():
+        assert rungs[name]["ring"]["sw1"] != rungs[base]["ring"]["sw1"]
+
+
+def test_separate_fake_network_gives_v_fake_and_the_live_real_branch():
+    """SeparateFake's velocities: v_fake is the separate network's flow velocity at (x_s, s), v_real
+    the live network's real branch, as shifted_velocities returns it."""
+    toy_ladder = _experiment("toy_ladder")
+    settings = toy_2d.parse_settings(["--fast"])
+    pretrained = toy_2d.pretrain(settings)
+    sep = toy_ladder.SeparateFake(pretrained, settings, updates=1)
+    net, _ = toy_2d.build(settings, len(toy_2d.member_names(settings)))
+    torch.manual_seed(3)
+    x_s, s, y = torch.randn(8, 2), torch.rand(8), torch.arange(8) % 2
+    cfg = toy_2d.toy_config("apex")
+    v_fake, v_real = sep(net, x_s, s, y, cfg)
+    torch.testing.assert_close(v_real, apex_min.shifted_velocities(net, x_s, s, y, cfg)[1])
+    torch.testing.assert_close(v_fake, sep.net(x_s, s, s, sep.net.embed_class(y)))
+    before = [p.clone() for p in net.parameters()]
+    sep.update(net, y, cfg, step=0)            # trains the separate network, never the generator
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert not torch.allclose(sep(net, x_s, s, y, cfg)[0], v_fake)
+
+
 def test_toy_grid_start_script_at_test_size(tmp_path):
     """experiments/toy_grid_start.py: four grids from the same noise; its 0.999 rows at 1 NFE are
     toy_2d's own 1-NFE rows, and starting at t = 1 moves the samples (other numbers)."""
@@ -1716,7 +1749,7 @@ def test_toy_ladder_script_at_test_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((tmp_path / "results" / "toy_ladder.json").read_text())
     toy_ladder = _experiment("toy_ladder")
-    assert list(record["rungs"]) == [n for n in toy_ladder.RUNGS if n not in toy_ladder.EXTRA + toy_ladder.FAKE_ONLY + toy_ladder.AHEAD_ONLY]
+    assert list(record["rungs"]) == [n for n in toy_ladder.RUNGS if n not in toy_ladder.EXTRA + toy_ladder.OTHERS]
     for name in ("consistency", "gen0", "apex_released", "oracle_both", "oracle_real", "oracle_fake",
                  "apex_best"):
         for target in ("ring", "grid"):

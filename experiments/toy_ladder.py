@@ -5,7 +5,9 @@
     python experiments/toy_ladder.py --rungs fake   # the fake rows as half the batch, FAKE rungs
                                                 # (~3 min), results/toy_fake_share.json
     python experiments/toy_ladder.py --rungs ahead  # the fake branch kept ahead, AHEAD rungs
-                                                # (~20 min), results/toy_fake_ahead.json
+                                                # (~13 min), results/toy_fake_ahead.json
+    python experiments/toy_ladder.py --rungs separate   # a separate fake network, SEPARATE rungs
+                                                # (~8 min), results/toy_fake_separate.json
     python experiments/toy_ladder.py --rungs core --steps 3000   # CORE at twice the length (~9 min),
                                                 # results/toy_ladder_steps3000.json
     python experiments/toy_ladder.py --fast     # test size, seconds; numbers are meaningless
@@ -34,10 +36,13 @@ learned difference is aligned) at weight 0.5. A rung NAME/ahead4 is NAME with it
 ahead of the generator: before each step, 4 optimiser steps on the fake rows' loss alone (a batch
 of the generator's one-step samples, flow matching under c_fake; fake_rows_loss), with an AdamW of
 their own at the step's learning rate; the generator's steps stay 1 per step. NAME/ahead1 takes 1
-such step, NAME/ahead4/lr0.25 takes 4 at a quarter of the rate (AHEAD_TAGS). Record keys per target: sw1, share3 (the share
+such step, NAME/ahead4/lr0.25 takes 4 at a quarter of the rate (AHEAD_TAGS). NAME/sepK takes the
+term's v_fake from a separate network trained K times per step on the generator's samples
+(SeparateFake); its by_s still measures the shared network's branches. Record keys per target: sw1, share3 (the share
 within 3 sigma), coverage, per seed; by_s: cosine and each branch's error at the last step.
 """
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -82,6 +87,10 @@ AHEAD_TAGS = {"ahead4": (4, 1.0), "ahead1": (1, 1.0), "ahead4/lr0.25": (4, 0.25)
 AHEAD_RUNGS = {f"{base}/{tag}": (base, *AHEAD_TAGS[tag]) for tag in AHEAD_TAGS
                for base in ("gen0", "apex_released", "polish/gen0", "apex_best")}
 RUNGS.update({name: RUNGS[base] for name, (base, _, _) in AHEAD_RUNGS.items()})
+# a separate fake network (SeparateFake): NAME/sepK takes the term's v_fake from a second network,
+# started from the pretrained flow model and trained on the generator's samples K times per step
+SEPARATE_RUNGS = {f"{base}/sep{k}": (base, k) for k in (4, 1) for base in ("apex_released", "apex_best")}
+RUNGS.update({name: RUNGS[base] for name, (base, _) in SEPARATE_RUNGS.items()})
 
 
 CORE = ("consistency", "gen0", "apex_released", "polish/gen0", "oracle_both", "oracle_real", "oracle_fake",
@@ -92,15 +101,19 @@ FAKE_ONLY = ("polish/gen0/fake0.5", "apex_best/fake0.5")                  # --ru
 FAKE = ("consistency", "polish/gen0", "apex_best") + FAKE_ONLY
 AHEAD_ONLY = tuple(AHEAD_RUNGS)                                              # --rungs ahead only
 AHEAD = ("consistency", "gen0", "apex_released", "polish/gen0", "apex_best") + AHEAD_ONLY
-RUNG_SETS = {"default": [n for n in RUNGS if n not in EXTRA + FAKE_ONLY + AHEAD_ONLY],  # in RUNGS' order
-             "all": [n for n in RUNGS if n not in FAKE_ONLY + AHEAD_ONLY], "core": [n for n in RUNGS if n in CORE],
-             "ahead": [n for n in RUNGS if n in AHEAD],
+SEPARATE_ONLY = tuple(SEPARATE_RUNGS)                                        # --rungs separate only
+SEPARATE = ("consistency", "gen0", "apex_released", "polish/gen0", "apex_best") + SEPARATE_ONLY
+OTHERS = FAKE_ONLY + AHEAD_ONLY + SEPARATE_ONLY
+RUNG_SETS = {"default": [n for n in RUNGS if n not in EXTRA + OTHERS],        # --rungs: in RUNGS' order
+             "all": [n for n in RUNGS if n not in OTHERS], "core": [n for n in RUNGS if n in CORE],
+             "ahead": [n for n in RUNGS if n in AHEAD], "separate": [n for n in RUNGS if n in SEPARATE],
              "fake": [n for n in RUNGS if n in FAKE]}
 
 
 def cost(name: str) -> int:  # the relative CPU time of a rung: the oracle on every step is dear
     oracle, polish = RUNGS[name][2], RUNGS[name][1].get("polish_from", 0) > 0
-    return 1 + (0 if oracle is None else 1 if polish else 4) + AHEAD_RUNGS.get(name, (0, 0))[1] // 2
+    extra = AHEAD_RUNGS.get(name, (0, 0))[1] // 2 + SEPARATE_RUNGS.get(name, (0, 0))[1] // 2
+    return 1 + (0 if oracle is None else 1 if polish else 4) + extra
 
 
 class Oracle:
@@ -146,13 +159,43 @@ def fake_rows_loss(net, y, cfg):
     return am.robust_loss(net(am.interpolate(x_gen, z, t), t, t, c_fake), z - x_gen, cfg.robust_c).mean()
 
 
+class SeparateFake:
+    """v_fake from a separate network (as DMD's fake score), v_real from the live network's real
+    branch: the term's velocities. The network starts from the pretrained flow model and takes
+    `updates` optimiser steps per step on the generator's one-step samples (fake_rows_loss's data
+    and loss, under its own class embedding), with an AdamW of its own at the step's rate."""
+
+    def __init__(self, pretrained: bytes, settings, updates: int):
+        self.net, self.opt = toy_2d.build(settings, len(toy_2d.member_names(settings)))
+        self.net.load_state_dict(torch.load(io.BytesIO(pretrained), weights_only=False)["model"])
+        self.settings, self.updates = settings, updates
+
+    def update(self, generator, y, cfg, step: int):
+        self.opt.param_groups[0]["lr"] = toy_2d.cosine_lr(self.settings)(step)
+        for _ in range(self.updates):
+            x_gen = am.onestep_samples(generator, torch.randn(len(y), 2), generator.embed_class(y))
+            t, z = torch.rand(len(y)), torch.randn(len(y), 2)
+            v = self.net(am.interpolate(x_gen, z, t), t, t, self.net.embed_class(y))
+            loss = am.robust_loss(v, z - x_gen, cfg.robust_c).mean()
+            self.opt.zero_grad(set_to_none=True)
+            (loss * self.net.members).backward()
+            toy_2d.clip_per_member_(self.net, self.settings.grad_clip)
+            self.opt.step()
+
+    @torch.no_grad()
+    def __call__(self, net, x_s, s, y, cfg):
+        v_fake = self.net(x_s, s, s, self.net.embed_class(y)).float()
+        return v_fake, net(x_s, s, s, net.embed_class(y)).float()
+
+
 class Rung:
     """A loss with apex_min.training_loss's signature for one rung (picklable for the workers):
     the rung's options, the polish schedule by step, the oracle where the rung has one, and the
     fake-only updates of the /ahead4 rungs."""
 
-    def __init__(self, name: str, settings):
+    def __init__(self, name: str, settings, pretrained: bytes = None):
         self.name, self.settings, self.step, self.oracle, self.fake_opt = name, settings, 0, None, None
+        self.separate = SeparateFake(pretrained, settings, SEPARATE_RUNGS[name][1]) if name in SEPARATE_RUNGS else None
 
     def __call__(self, net, ema, x, y, cfg):
         objective, overrides, oracle = RUNGS[self.name]
@@ -161,8 +204,10 @@ class Rung:
         cfg = am.scheduled(dataclasses.replace(cfg, **overrides), self.step, self.settings.steps)
         if self.name in AHEAD_RUNGS:
             self.update_fake_branch(net, y, cfg, *AHEAD_RUNGS[self.name][1:])
+        if self.separate is not None:
+            self.separate.update(net, y, cfg, self.step)
         self.step += 1
-        return am.training_loss(net, ema, x, y, cfg, self.oracle or am.shifted_velocities)
+        return am.training_loss(net, ema, x, y, cfg, self.oracle or self.separate or am.shifted_velocities)
 
     def update_fake_branch(self, net, y, cfg, updates: int, scale: float):
         """`updates` optimiser steps on fake_rows_loss at `scale` times the step's rate, as
@@ -181,7 +226,7 @@ class Rung:
 
 def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
     objective = RUNGS[name][0]
-    result = toy_2d.finetune(objective, pretrained, settings, loss=Rung(name, settings))
+    result = toy_2d.finetune(objective, pretrained, settings, loss=Rung(name, settings, pretrained))
     names, x = toy_2d.member_names(settings), result["samples"][f"{objective}@1"]
     first = {t: x[:1500, names.index(t)] for t in dict.fromkeys(names)}   # the first seed's samples
     return {"name": name, "rows": result["rows"][f"{objective}@1"], "alignment": result["alignment"],
@@ -190,7 +235,7 @@ def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
 
 FIGURE = ("consistency", "apex_released", "oracle_both", "oracle_real", "oracle_fake", "apex_best",
           "apex_best/fake0.5", "apex_released/ahead4", "apex_best/ahead4", "apex_best/ahead1",
-          "apex_best/ahead4/lr0.25")
+          "apex_best/ahead4/lr0.25", "apex_released/sep4", "apex_best/sep4")
 
 
 def figure(samples: dict, record: dict, path: str) -> None:
@@ -227,7 +272,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rungs", choices=tuple(RUNG_SETS), default="default")
     p.add_argument("--report", action="store_true")
     args, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    stem = {"fake": "toy_fake_share", "ahead": "toy_fake_ahead"}.get(args.rungs, "toy_ladder")
+    stem = {"fake": "toy_fake_share", "ahead": "toy_fake_ahead", "separate": "toy_fake_separate"}.get(
+        args.rungs, "toy_ladder")
     if args.report:   # the table of a committed record (--steps N: that length's), without running
         name = record_name(toy_2d.parse_settings(argv, prog="toy_ladder.py"), stem)
         with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
