@@ -13,7 +13,6 @@ same noise with four grids: [0.999, 0] and [1, 0] (1 NFE), [0.999, 0.6, 0] and [
 minus t = 0.999 (negative: starting at t = 1 is better).
 """
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -56,11 +55,7 @@ def main(argv=None) -> dict:
     same = all(r["sw1"]["1 NFE from 0.999"] == r["toy_2d_row"] for r in done)
     record = {"rows": rows, "same_as_toy_2d": same, "settings": dataclasses.asdict(settings),
               "env": am.environment(), "seconds_wall": round(time.time() - start, 1)}
-    path = toy_2d.results_path(settings, toy_ladder.record_name(settings, "toy_grid_start") + ".json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-    print(table(record))
-    print(f"\nwrote {path}; wall {record['seconds_wall']:.1f} s")
+    toy_ladder.write_record(record, settings, "toy_grid_start", table(record))
     return record
 
 

@@ -263,6 +263,16 @@ def record_name(settings, stem: str = "toy_ladder") -> str:  # stem, or stem_ste
     return stem + ("" if settings.steps == default else f"_steps{settings.steps}")
 
 
+def write_record(record: dict, settings, stem: str, text: str) -> str:
+    """results/STEM[_stepsN].json (record_name), then the table `text` and where it went."""
+    path = toy_2d.results_path(settings, record_name(settings, stem) + ".json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(text)
+    print(f"\nwrote {path}; wall {record['seconds_wall']:.1f} s")
+    return path
+
+
 def ladder_settings(settings):  # one alignment measurement, at the end, against 4096 per class
     return dataclasses.replace(settings, checkpoints=1, n_ref=settings.n_ref if settings.fast else 8192)
 

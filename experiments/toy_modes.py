@@ -20,7 +20,6 @@ samples (apex_min.sample_fewstep from the same noise; d against consistency@2): 
 are where the generator term acts, and a second step reads the any-step map at t = 0.6.
 """
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -90,12 +89,7 @@ def main(argv=None) -> dict:
                   for t in dict.fromkeys(names)} for row, qs in members.items()}
     record = {"rows": rows, "settings": dataclasses.asdict(settings), "env": am.environment(),
               "seconds_wall": round(time.time() - start, 1)}
-    name = toy_ladder.record_name(settings, "toy_modes")
-    path = toy_2d.results_path(settings, name + ".json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-    print(table(record))
-    print(f"\nwrote {path}; wall {record['seconds_wall']:.1f} s")
+    toy_ladder.write_record(record, settings, "toy_modes", table(record))
     return record
 
 
