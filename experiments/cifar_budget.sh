@@ -29,7 +29,8 @@ if [ -n "${FLOW_FROM:-}" ]; then   # the APEX stage alone, from a finished flow 
   init=($(python - "$FLOW_FROM" "$minutes" <<'PY'
 import json, os, sys
 flow, minutes = sys.argv[1], float(sys.argv[2])
-done = os.path.exists(f"{flow}/summary.json") and json.load(open(f"{flow}/summary.json"))["stop"] != "interrupted"
+summary = f"{flow}/summary.json"
+done = os.path.exists(summary) and json.load(open(summary))["stop"] != "interrupted"
 left = minutes - json.load(open(f"{flow}/config.json"))["minutes"] if done else 0
 if not done or not flow.rstrip("/").endswith("/flow") or left <= 0:
     sys.exit(f"FLOW_FROM={flow}: not a finished flow stage (NAME/flow) shorter than {minutes} minutes")

@@ -50,8 +50,9 @@ def main(argv=None) -> dict:
     pretrained = toy_2d.pretrain(settings)
     done = toy_2d.run_jobs(run_variant, [(v, pretrained, settings) for v in VARIANTS], settings.workers)
     names = toy_2d.member_names(settings)
-    rows = {r["variant"]: {grid: {t: [v for v, n in zip(values, names) if n == t] for t in dict.fromkeys(names)}
-                           for grid, values in r["sw1"].items()} for r in done}
+    def by_target(values):   # per target, its seeds' values
+        return {t: [v for v, n in zip(values, names) if n == t] for t in dict.fromkeys(names)}
+    rows = {r["variant"]: {grid: by_target(values) for grid, values in r["sw1"].items()} for r in done}
     same = all(r["sw1"]["1 NFE from 0.999"] == r["toy_2d_row"] for r in done)
     record = {"rows": rows, "same_as_toy_2d": same, "settings": dataclasses.asdict(settings),
               "env": am.environment(), "seconds_wall": round(time.time() - start, 1)}
@@ -66,8 +67,9 @@ def table(record: dict) -> str:
         for t in grids["1 NFE from 0.999"]:
             for nfe in (1, 2):
                 a, b = grids[f"{nfe} NFE from 0.999"][t], grids[f"{nfe} NFE from 1"][t]
-                cells = [toy_2d.mean_std(a), toy_2d.mean_std(b), toy_2d.mean_std([q - p for p, q in zip(a, b)])]
-                lines.append(f"{variant:12s} {t:6s} {nfe:3d} " + " ".join(f"{m:8.4f}+-{s:.4f}" for m, s in cells))
+                d = [q - p for p, q in zip(a, b)]
+                cells = " ".join(f"{m:8.4f}+-{s:.4f}" for m, s in map(toy_2d.mean_std, (a, b, d)))
+                lines.append(f"{variant:12s} {t:6s} {nfe:3d} {cells}")
     lines.append(f"the 1-NFE rows from 0.999 equal toy_2d's: {record['same_as_toy_2d']}")
     return "\n".join(lines)
 

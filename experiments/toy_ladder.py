@@ -38,8 +38,9 @@ of the generator's one-step samples, flow matching under c_fake; fake_rows_loss)
 their own at the step's learning rate; the generator's steps stay 1 per step. NAME/ahead1 takes 1
 such step, NAME/ahead4/lr0.25 takes 4 at a quarter of the rate (AHEAD_TAGS). NAME/sepK takes the
 term's v_fake from a separate network trained K times per step on the generator's samples
-(SeparateFake); its by_s still measures the shared network's branches. Record keys per target: sw1, share3 (the share
-within 3 sigma), coverage, per seed; by_s: cosine and each branch's error at the last step.
+(SeparateFake); its by_s still measures the shared network's branches. Record keys per target:
+sw1, share3 (the share within 3 sigma), coverage, per seed; by_s: cosine and each branch's error
+at the last step.
 """
 import dataclasses
 import io
@@ -190,12 +191,14 @@ class SeparateFake:
 
 class Rung:
     """A loss with apex_min.training_loss's signature for one rung (picklable for the workers):
-    the rung's options, the polish schedule by step, the oracle where the rung has one, and the
-    fake-only updates of the /ahead4 rungs."""
+    the rung's options, the polish schedule by step, the oracle where the rung has one, the
+    fake-only updates of the AHEAD_RUNGS and the separate fake network of the SEPARATE_RUNGS."""
 
     def __init__(self, name: str, settings, pretrained: bytes = None):
         self.name, self.settings, self.step, self.oracle, self.fake_opt = name, settings, 0, None, None
-        self.separate = SeparateFake(pretrained, settings, SEPARATE_RUNGS[name][1]) if name in SEPARATE_RUNGS else None
+        self.separate = None
+        if name in SEPARATE_RUNGS:
+            self.separate = SeparateFake(pretrained, settings, SEPARATE_RUNGS[name][1])
 
     def __call__(self, net, ema, x, y, cfg):
         objective, overrides, oracle = RUNGS[self.name]
