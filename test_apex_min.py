@@ -1691,6 +1691,10 @@ def test_toy_ladder_separate_fake_network_at_test_size(tmp_path):
     assert list(rungs) == list(toy_ladder.SEPARATE)
     for name, (base, _) in toy_ladder.SEPARATE_RUNGS.items():
         assert rungs[name]["ring"]["sw1"] != rungs[base]["ring"]["sw1"]
+        shared, term = rungs[name]["ring"]["by_s_shared"]["0.0-0.2"], rungs[name]["ring"]["by_s_separate"]["0.0-0.2"]
+        assert term["err_real"] == shared["err_real"] and term["signal"] == shared["signal"]   # same draws
+        assert term["err_fake"] != shared["err_fake"]                  # another v_fake
+    assert "by_s_separate" not in rungs["apex_released"]["ring"]
 
 
 def test_separate_fake_network_gives_v_fake_and_the_live_real_branch():

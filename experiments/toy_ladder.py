@@ -38,7 +38,9 @@ of the generator's one-step samples, flow matching under c_fake; fake_rows_loss)
 their own at the step's learning rate; the generator's steps stay 1 per step. NAME/ahead1 takes 1
 such step, NAME/ahead4/lr0.25 takes 4 at a quarter of the rate (AHEAD_TAGS). NAME/sepK takes the
 term's v_fake from a separate network trained K times per step on the generator's samples
-(SeparateFake); its by_s still measures the shared network's branches. Record keys per target:
+(SeparateFake); its by_s measures the shared network's branches, and at the end, on other draws,
+by_s_shared them again and by_s_separate the term's velocities (the separate v_fake, the live
+v_real) on the same draws. Record keys per target:
 sw1, share3 (the share within 3 sigma), coverage, per seed; by_s: cosine and each branch's error
 at the last step.
 """
@@ -196,11 +198,13 @@ class Rung:
 
     def __init__(self, name: str, settings, pretrained: bytes = None):
         self.name, self.settings, self.step, self.oracle, self.fake_opt = name, settings, 0, None, None
+        self.live = None                       # the network being trained, once called
         self.separate = None
         if name in SEPARATE_RUNGS:
             self.separate = SeparateFake(pretrained, settings, SEPARATE_RUNGS[name][1])
 
     def __call__(self, net, ema, x, y, cfg):
+        self.live = net
         objective, overrides, oracle = RUNGS[self.name]
         if oracle and self.oracle is None:
             self.oracle = Oracle(toy_2d.member_names(self.settings), oracle)
@@ -227,13 +231,35 @@ class Rung:
             self.fake_opt.step()
 
 
+@torch.no_grad()
+def separate_alignment(rung, settings) -> dict:
+    """toy_2d.measure_alignment of the live generator at the end, twice with the same draws: with
+    the shared branches ("shared") and with the term's velocities ("separate": the separate
+    network's v_fake, the live real branch, in place of toy_2d.branch_velocities)."""
+    cfg = toy_2d.toy_config(RUNGS[rung.name][0], settings.gen_weight, settings.cons_delta)
+    def measure():
+        raw = toy_2d.measure_alignment(rung.live, toy_2d.member_names(settings), cfg, settings,
+                                       torch.Generator().manual_seed(settings.seed + 5))
+        return [toy_2d.summarise_alignment(r, settings.low_s) for r in raw]
+    out, shared = {"shared": measure()}, toy_2d.branch_velocities
+    def term_velocities(net, x_s, s, y, c):   # branch_velocities' signature and float64
+        return tuple(v.double() for v in rung.separate(net, x_s, s, y, c))
+    toy_2d.branch_velocities = term_velocities
+    try:
+        out["separate"] = measure()
+    finally:
+        toy_2d.branch_velocities = shared
+    return out
+
+
 def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
-    objective = RUNGS[name][0]
-    result = toy_2d.finetune(objective, pretrained, settings, loss=Rung(name, settings, pretrained))
+    objective, rung = RUNGS[name][0], Rung(name, settings, pretrained)
+    result = toy_2d.finetune(objective, pretrained, settings, loss=rung)
     names, x = toy_2d.member_names(settings), result["samples"][f"{objective}@1"]
     first = {t: x[:1500, names.index(t)] for t in dict.fromkeys(names)}   # the first seed's samples
     return {"name": name, "rows": result["rows"][f"{objective}@1"], "alignment": result["alignment"],
-            "samples": first if name in FIGURE else None}
+            "samples": first if name in FIGURE else None,
+            "separate": separate_alignment(rung, settings) if rung.separate else None}
 
 
 FIGURE = ("consistency", "apex_released", "oracle_both", "oracle_real", "oracle_fake", "apex_best",
@@ -312,11 +338,14 @@ def main(argv=None) -> dict:
             members = [m for m in range(len(names)) if names[m] == target]
             entry[target] = {key: [r["rows"][m][row_key] for m in members] for key, row_key in
                              (("sw1", "sw1"), ("share3", "within_3sigma"), ("coverage", "coverage"))}
-            if r["alignment"]:   # the last measurement: medians by s, per seed
-                last = r["alignment"][-1]["members"]
-                entry[target]["by_s"] = {b: {k: [last[m]["by_s"][b][k] for m in members] for k in
-                                             ("cos", "err_real", "err_fake", "signal")}
-                                         for b in last[members[0]]["by_s"]}
+            separate = r["separate"] or {}   # a /sepK rung: the term's velocities, and the shared
+            measured = [("by_s", r["alignment"][-1]["members"] if r["alignment"] else None),   # ones
+                        ("by_s_shared", separate.get("shared")), ("by_s_separate", separate.get("separate"))]
+            for key, last in measured:   # the last measurement: medians by s, per seed
+                if last:
+                    entry[target][key] = {b: {k: [last[m]["by_s"][b][k] for m in members] for k in
+                                              ("cos", "err_real", "err_fake", "signal")}
+                                          for b in last[members[0]]["by_s"]}
         rungs[r["name"]] = entry
     rungs = {name: rungs[name] for name in chosen}                       # in the order of RUNGS
     record = {"rungs": rungs, "settings": dataclasses.asdict(settings), "env": am.environment(),
