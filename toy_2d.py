@@ -277,8 +277,8 @@ def cosine(a, b):  # row-wise cosine of (N, 2) float64 arrays; 0 where either is
 
 
 @torch.no_grad()
-def measure_alignment(net, names: list, cfg: am.Config, settings: ToySettings, generator) -> list:
-    """Per member: cosines, s, branch errors, exact |v_fake - v_real|, log10 D*, 1 - D*, realism."""
+def measure_alignment(net, names, cfg, settings, generator, velocities=branch_velocities) -> list:
+    """Per member, of `velocities`' branches: cosines, s, errors, signal, log10 D*, 1 - D*, realism."""
     M, n_ref, n_q = len(names), settings.n_ref, settings.n_query
     y = (torch.arange(n_ref + n_q) % net.num_classes).repeat_interleave(M)   # balanced, interleaved
     z = torch.randn(len(y), 2, generator=generator)
@@ -288,7 +288,7 @@ def measure_alignment(net, names: list, cfg: am.Config, settings: ToySettings, g
     q = slice(n_ref * M, None)                                       # held-out queries, all members
     x_s = am.interpolate(x_g[q], noise, s)
     x_w = am.interpolate(x_g[q], noise, torch.full_like(s, settings.weight_s))
-    v_fake, v_real = branch_velocities(net, x_s, s, y[q], cfg)
+    v_fake, v_real = velocities(net, x_s, s, y[q], cfg)
     d_net = network_direction(v_fake, v_real, s)
     out = []
     for m, name in enumerate(names):

@@ -151,15 +151,32 @@ class Oracle:
         return (learned_fake, v_real.float()) if self.mode == "real" else (v_fake.float(), learned_real)
 
 
-def fake_rows_loss(net, y, cfg):
+def fake_rows_loss(generator, y, cfg, field=None):
     """apex_min.apex_loss's fake rows on a batch of their own: the generator's one-step samples
-    without gradient (step 2), noised to t ~ U(0, 1), flow matching under c_fake (step 3) with the
-    robust loss at weight 1 (step 6)."""
-    c = net.embed_class(y)
-    x_gen = am.onestep_samples(net, torch.randn(len(y), 2), c.detach())
+    without gradient (step 2), noised to t ~ U(0, 1), flow matching with the robust loss at weight 1
+    (steps 3 and 6) of the fake field: the generator under c_fake, or a separate network `field`
+    under its own class embedding."""
+    c = generator.embed_class(y)
+    x_gen = am.onestep_samples(generator, torch.randn(len(y), 2), c.detach())
     t, z = torch.rand(len(y)), torch.randn(len(y), 2)
-    c_fake = am.condition_shift(c, torch.ones(len(y), dtype=torch.bool), cfg.shift_a, cfg.shift_b)
-    return am.robust_loss(net(am.interpolate(x_gen, z, t), t, t, c_fake), z - x_gen, cfg.robust_c).mean()
+    if field is None:   # the generator's own fake branch
+        field, c = generator, am.condition_shift(c, torch.ones_like(y, dtype=torch.bool), cfg.shift_a,
+                                                 cfg.shift_b)
+    else:
+        c = field.embed_class(y)
+    return am.robust_loss(field(am.interpolate(x_gen, z, t), t, t, c), z - x_gen, cfg.robust_c).mean()
+
+
+def fake_updates(net, opt, lr: float, updates: int, loss_fn, grad_clip: float) -> None:
+    """`updates` steps of `opt` on loss_fn() at rate lr, as toy_2d.train_steps takes a step (the
+    loss times the members, the clip per member)."""
+    opt.param_groups[0]["lr"] = lr
+    for _ in range(updates):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        (loss * net.members).backward()
+        toy_2d.clip_per_member_(net, grad_clip)
+        opt.step()
 
 
 class SeparateFake:
@@ -174,16 +191,8 @@ class SeparateFake:
         self.settings, self.updates = settings, updates
 
     def update(self, generator, y, cfg, step: int):
-        self.opt.param_groups[0]["lr"] = toy_2d.cosine_lr(self.settings)(step)
-        for _ in range(self.updates):
-            x_gen = am.onestep_samples(generator, torch.randn(len(y), 2), generator.embed_class(y))
-            t, z = torch.rand(len(y)), torch.randn(len(y), 2)
-            v = self.net(am.interpolate(x_gen, z, t), t, t, self.net.embed_class(y))
-            loss = am.robust_loss(v, z - x_gen, cfg.robust_c).mean()
-            self.opt.zero_grad(set_to_none=True)
-            (loss * self.net.members).backward()
-            toy_2d.clip_per_member_(self.net, self.settings.grad_clip)
-            self.opt.step()
+        fake_updates(self.net, self.opt, toy_2d.cosine_lr(self.settings)(step), self.updates,
+                     lambda: fake_rows_loss(generator, y, cfg, field=self.net), self.settings.grad_clip)
 
     @torch.no_grad()
     def __call__(self, net, x_s, s, y, cfg):
@@ -217,39 +226,27 @@ class Rung:
         return am.training_loss(net, ema, x, y, cfg, self.oracle or self.separate or am.shifted_velocities)
 
     def update_fake_branch(self, net, y, cfg, updates: int, scale: float):
-        """`updates` optimiser steps on fake_rows_loss at `scale` times the step's rate, as
-        toy_2d.train_steps takes a step (the loss times the members, the clip per member), with an
-        AdamW of their own (the released betas)."""
+        """fake_updates on the shared fake branch at `scale` times the step's rate, with an AdamW
+        of their own (the released betas)."""
         if self.fake_opt is None:
             self.fake_opt = torch.optim.AdamW(net.parameters(), betas=(0.9, 0.99), weight_decay=0.0)
-        self.fake_opt.param_groups[0]["lr"] = scale * toy_2d.cosine_lr(self.settings)(self.step)
-        for _ in range(updates):
-            loss = fake_rows_loss(net, y, cfg)
-            self.fake_opt.zero_grad(set_to_none=True)
-            (loss * net.members).backward()
-            toy_2d.clip_per_member_(net, self.settings.grad_clip)
-            self.fake_opt.step()
+        fake_updates(net, self.fake_opt, scale * toy_2d.cosine_lr(self.settings)(self.step), updates,
+                     lambda: fake_rows_loss(net, y, cfg), self.settings.grad_clip)
 
 
 @torch.no_grad()
 def separate_alignment(rung, settings) -> dict:
     """toy_2d.measure_alignment of the live generator at the end, twice with the same draws: with
     the shared branches ("shared") and with the term's velocities ("separate": the separate
-    network's v_fake, the live real branch, in place of toy_2d.branch_velocities)."""
+    network's v_fake, the live real branch)."""
     cfg = toy_2d.toy_config(RUNGS[rung.name][0], settings.gen_weight, settings.cons_delta)
-    def measure():
+    def measure(velocities):
         raw = toy_2d.measure_alignment(rung.live, toy_2d.member_names(settings), cfg, settings,
-                                       torch.Generator().manual_seed(settings.seed + 5))
+                                       torch.Generator().manual_seed(settings.seed + 5), velocities)
         return [toy_2d.summarise_alignment(r, settings.low_s) for r in raw]
-    out, shared = {"shared": measure()}, toy_2d.branch_velocities
-    def term_velocities(net, x_s, s, y, c):   # branch_velocities' signature and float64
+    def term_velocities(net, x_s, s, y, c):   # float64, as toy_2d.branch_velocities
         return tuple(v.double() for v in rung.separate(net, x_s, s, y, c))
-    toy_2d.branch_velocities = term_velocities
-    try:
-        out["separate"] = measure()
-    finally:
-        toy_2d.branch_velocities = shared
-    return out
+    return {"shared": measure(toy_2d.branch_velocities), "separate": measure(term_velocities)}
 
 
 def finetune_rung(name: str, pretrained: bytes, settings) -> dict:
@@ -350,15 +347,10 @@ def main(argv=None) -> dict:
     rungs = {name: rungs[name] for name in chosen}                       # in the order of RUNGS
     record = {"rungs": rungs, "settings": dataclasses.asdict(settings), "env": am.environment(),
               "seconds_wall": round(time.time() - start, 1)}
-    name = record_name(settings, stem)
-    path = toy_2d.results_path(settings, name + ".json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-    png = toy_2d.results_path(settings, name + ".png", "assets")
+    write_record(record, settings, stem, table(record))   # the record first: a figure error keeps it
+    png = toy_2d.results_path(settings, record_name(settings, stem) + ".png", "assets")
     figure(samples, record, png)
-    print(table(record))
-    print(f"\nwrote {path} and {png} ({os.path.getsize(png) / 1024:.0f} KB); "
-          f"wall {record['seconds_wall']:.1f} s")
+    print(f"wrote {png} ({os.path.getsize(png) / 1024:.0f} KB)")
     return record
 
 
