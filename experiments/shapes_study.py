@@ -1,0 +1,280 @@
+"""The generator term on 16x16 images whose every valid image is known: the tiny preset's shapes.
+
+    python experiments/shapes_study.py              # 1,500 and 6,000 steps, 3 seeds: ~1 hour, 2 cores
+    python experiments/shapes_study.py --report     # the table of the committed record
+    python experiments/shapes_study.py --fast       # test size, a minute; numbers are meaningless
+
+Between the 2-D toy (exact densities, 2 dimensions) and CIFAR-10 (FID only) lie the synthetic
+shapes of apex_min's tiny preset: class k is a 5x5 square of colour k at one of 12 x 12 places on
+a grey ground (make_shapes), flipped at random in training. A seed's training set (2,048 images)
+with its flips is the data distribution, and the 144 images of each class are every valid image.
+
+Each seed trains, with `python apex_min.py` and the tiny preset's network, a flow stage (flow
+matching for 60% of the steps, as the cifar preset) and from its EMA five APEX stages (40% of the
+steps each, with the cifar preset's cosine rate), the arms:
+  consistency  --objective consistency: no fake branch
+  gen0         --gen-weight 0: the fake branch trained, no generator term (the control of apex)
+  apex         the default objective
+  polish/gen0  --polish-from 0.8 --gen-weight 0 (the control of apex_best)
+  apex_best    --polish-from 0.8 --gen-s-min 0.02 --gen-s-max 0.25
+Every model is sampled from the same noise (EMA weights; 1 and 2 NFE, the flow stage with 50 Euler
+steps and with 1) and scored per class against the seed's data, then averaged over the classes:
+  sw1        sliced W1 in pixel space (256 fixed directions, images in [-1, 1]): the headline
+  atom_rmse  the RMS distance to the nearest valid image of the class: sharpness
+  place_tv   the total variation between the places of those nearest images and the data's
+             places: coverage (0 = the data's proportions)
+  colour     the share whose nearest valid image over all classes is of the class asked for
+The `data` row scores draws of the data distribution of the same size (the metrics' floor).
+Runs go to OUT/runs/shapes_study (a finished run is reused); the record to
+OUT/results/shapes_study.json (OUT: the repository; --fast: runs/fast).
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+import torch  # noqa: E402
+
+import apex_min as am  # noqa: E402
+import toy_2d  # noqa: E402
+
+ARMS = {"consistency": ["--objective", "consistency"], "gen0": ["--gen-weight", "0"], "apex": [],
+        "polish/gen0": ["--polish-from", "0.8", "--gen-weight", "0"],
+        "apex_best": ["--polish-from", "0.8", "--gen-s-min", "0.02", "--gen-s-max", "0.25"]}
+PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("gen0", "consistency"),
+         ("apex", "consistency"), ("apex_best", "consistency"))   # d = first - second, per seed
+METRICS = ("sw1", "atom_rmse", "place_tv", "colour")
+FLOW_SHARE, SIDE, SIZE, CLASSES = 0.6, 16 // 3, 16, 10
+
+
+# 1. The data and every valid image ===============================================================
+def valid_images() -> torch.Tensor:
+    """(classes, places, 3, 16, 16) in [-1, 1]: every image make_shapes can draw, place r * 12 + s."""
+    hues = torch.arange(CLASSES) / CLASSES
+    rgb = 0.5 + 0.5 * torch.stack([torch.cos(2 * torch.pi * (hues + k / 3)) for k in range(3)], 1)
+    places = SIZE - SIDE + 1
+    out = torch.full((CLASSES, places * places, 3, SIZE, SIZE), 0.1)
+    for r in range(places):
+        for s in range(places):
+            out[:, r * places + s, :, r:r + SIDE, s:s + SIDE] = rgb[:, :, None, None]
+    return (out * 255).round() / 127.5 - 1
+
+
+def data_distribution(seed: int):
+    """The seed's training set and its flips (equal weight) in [-1, 1], and the labels."""
+    x, y = am.make_shapes(size=SIZE, num_classes=CLASSES, seed=seed)
+    x = x.float() / 127.5 - 1
+    return torch.cat([x, x.flip(3)]), torch.cat([y, y])
+
+
+# 2. Metrics ======================================================================================
+def nearest(x, atoms):  # index of the nearest atom and the RMS distance to it, per row
+    d = torch.cdist(x.flatten(1).double(), atoms.flatten(1).double())
+    dist, idx = d.min(1)
+    return idx, dist / x[0].numel() ** 0.5
+
+
+def quantiles(p, levels: int = 1000):  # (n, L) -> (levels, L): the empirical quantile function
+    idx = ((torch.arange(levels, dtype=torch.float64) + 0.5) / levels * len(p)).long()
+    return p.sort(0).values[idx]
+
+
+def scores(x, y, data_x, data_y, atoms) -> dict:
+    """The four metrics of samples x (labels y) against the data, mean over classes."""
+    dirs = torch.randn(x[0].numel(), 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0)
+    flat_atoms = atoms.flatten(0, 1)
+    out = {m: 0.0 for m in METRICS}
+    for k in range(CLASSES):
+        xk, dk = x[y == k], data_x[data_y == k]
+        pk = quantiles(xk.flatten(1).double() @ dirs)
+        qk = quantiles(dk.flatten(1).double() @ dirs)
+        out["sw1"] += (pk - qk).abs().mean().item() / CLASSES
+        idx, dist = nearest(xk, atoms[k])
+        out["atom_rmse"] += dist.pow(2).mean().sqrt().item() / CLASSES
+        data_idx, data_dist = nearest(dk, atoms[k])
+        assert data_dist.max() < 1e-6, "a training image that is no valid image"
+        places = len(atoms[k])
+        p_gen = torch.bincount(idx, minlength=places) / len(idx)
+        p_data = torch.bincount(data_idx, minlength=places) / len(data_idx)
+        out["place_tv"] += 0.5 * (p_gen - p_data).abs().sum().item() / CLASSES
+        out["colour"] += (nearest(xk, flat_atoms)[0] // places == k).double().mean().item() / CLASSES
+    return {m: round(v, 5) for m, v in out.items()}
+
+
+def evaluation_noise(n_per_class: int):  # the same z, labels and sampler stream for every model
+    g = torch.Generator().manual_seed(1234)
+    y = torch.arange(CLASSES).repeat_interleave(n_per_class)
+    return torch.randn(len(y), 3, SIZE, SIZE, generator=g), y, g
+
+
+def evaluate(path: str, flow: bool, seed: int, n_per_class: int, euler_steps: int) -> dict:
+    """Scores of a checkpoint's EMA: 1 and 2 NFE, or for the flow stage Euler 50 and 1 step."""
+    torch.set_num_threads(1)
+    net, _ = am.model_from_checkpoint(path)
+    data_x, data_y = data_distribution(seed)
+    atoms, out = valid_images(), {}
+    samplers = ({"euler": lambda z, y, g: am.sample_euler(net, z, y, euler_steps),
+                 "1": lambda z, y, g: am.sample_euler(net, z, y, 1)} if flow else
+                {str(n): (lambda z, y, g, n=n: am.sample_fewstep(net, z, y, nfe=n, generator=g)) for n in (1, 2)})
+    for name, sample in samplers.items():
+        z, y, g = evaluation_noise(n_per_class)
+        out[name] = scores(sample(z, y, g).clamp(-1, 1), y, data_x, data_y, atoms)
+    return out
+
+
+def data_row(seed: int, n_per_class: int) -> dict:  # draws of the data distribution, scored alike
+    data_x, data_y = data_distribution(seed)
+    g = torch.Generator().manual_seed(4321)
+    picks = [torch.nonzero(data_y == k)[:, 0] for k in range(CLASSES)]
+    idx = torch.cat([p[torch.randint(len(p), (n_per_class,), generator=g)] for p in picks])
+    return scores(data_x[idx], data_y[idx], data_x, data_y, valid_images())
+
+
+# 3. Training, through apex_min's command line ====================================================
+def train(out_dir: str, flags: list) -> str:
+    """One `python apex_min.py` run (one CPU thread); a finished run is reused. Returns its ckpt."""
+    summary = os.path.join(out_dir, "summary.json")
+    if os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps":
+        return os.path.join(out_dir, "ckpt.pt")
+    os.makedirs(out_dir, exist_ok=True)
+    resume = ["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(os.path.join(out_dir, "train.log"), "a") as log:
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "apex_min.py"), "--device", "cpu",
+                               "--out-dir", out_dir, *resume, *flags], stdout=log, stderr=subprocess.STDOUT,
+                              env=env)
+    if done.returncode:
+        raise SystemExit(f"error: training failed (exit {done.returncode}); see {out_dir}/train.log")
+    return os.path.join(out_dir, "ckpt.pt")
+
+
+def run_all(jobs: list, workers: int) -> list:  # (out_dir, flags) pairs, `workers` at a time
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: train(*job), jobs))
+
+
+def study(args) -> dict:
+    start, root = time.time(), os.path.join(args.out, "runs", "shapes_study")
+    common = ["--log-every", "100", "--ckpt-every", "500"]
+    where = {(s, seed): os.path.join(root, f"steps{s}", f"seed{seed}") for s in args.steps for seed in args.seeds}
+    order = sorted(where, key=lambda key: -key[0])                              # longest first
+    flow_steps = {s: round(FLOW_SHARE * s) for s in args.steps}
+    run_all([(f"{where[k]}/flow", ["--objective", "fm", "--seed", str(k[1]), "--max-steps",
+                                   str(flow_steps[k[0]]), *common]) for k in order], args.workers)
+    run_all([(f"{where[k]}/{arm.replace('/', '_')}",
+              ["--init-from", f"{where[k]}/flow/ckpt.pt", "--seed", str(k[1]), "--max-steps",
+               str(k[0] - flow_steps[k[0]]), "--lr-schedule", "cosine", *common, *flags])
+             for k in order for arm, flags in ARMS.items()], args.workers)
+    jobs = [(f"{where[k]}/{arm.replace('/', '_')}/ckpt.pt", arm == "flow", k[1], args.n_per_class,
+             args.euler_steps) for k in order for arm in ("flow", *ARMS)]
+    scored = iter(toy_2d.run_jobs(evaluate, jobs, args.workers))
+    rows = {s: {arm: {} for arm in ("flow", *ARMS, "data")} for s in args.steps}
+    for k in order:
+        for arm in ("flow", *ARMS):
+            rows[k[0]][arm][k[1]] = next(scored)
+        rows[k[0]]["data"][k[1]] = {"1": data_row(k[1], args.n_per_class)}
+    return {"rows": {str(s): r for s, r in rows.items()}, "steps": args.steps, "seeds": args.seeds,
+            "flow_share": FLOW_SHARE, "arms": ARMS, "n_per_class": args.n_per_class,
+            "euler_steps": args.euler_steps, "env": am.environment(),
+            "seconds_wall": round(time.time() - start, 1)}
+
+
+def figure(path: str, where: str, seed: int) -> None:
+    """Four 1-NFE samples per class of each arm (the flow stage: 50 Euler steps) and of the data."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    z, y, g = evaluation_noise(4)
+    panels = {}
+    for arm in ("flow", *ARMS):
+        net, _ = am.model_from_checkpoint(f"{where}/{arm.replace('/', '_')}/ckpt.pt")
+        panels[arm + (" (Euler 50)" if arm == "flow" else "")] = (
+            am.sample_euler(net, z, y, 50) if arm == "flow" else am.sample_fewstep(net, z, y, generator=g))
+    data_x, data_y = data_distribution(seed)
+    panels["data"] = torch.cat([data_x[data_y == k][:4] for k in range(CLASSES)])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 0.9 * len(panels)))
+    for ax, (name, x) in zip(axes, panels.items()):
+        grid = make_grid((x.clamp(-1, 1) + 1) / 2, nrow=CLASSES * 2, padding=1, pad_value=1)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"shapes, seed {seed}: one-step samples (4 per class)", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# 4. Report =======================================================================================
+def mean_std(values: list) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.4f} +- {t.std():.4f}" if len(t) > 1 else f"{t.mean():.4f}"
+
+
+def table(record: dict) -> str:
+    lines = []
+    for s, rows in record["rows"].items():
+        lines += [f"\n{s} steps ({round(FLOW_SHARE * int(s))} flow + {int(s) - round(FLOW_SHARE * int(s))} "
+                  f"APEX stage), mean +- std over seeds {record['seeds']}",
+                  "| arm | sampler | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
+        for arm, by_seed in rows.items():
+            for sampler in next(iter(by_seed.values())):
+                cells = [mean_std([v[sampler][m] for v in by_seed.values()]) for m in METRICS]
+                lines.append(f"| {arm} | {sampler} | " + " | ".join(cells) + " |")
+        lines += ["", "paired d = first - second (per seed), and how many seeds have d < 0",
+                  "| d | sampler | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
+        for a, b in PAIRS:
+            for sampler in ("1", "2"):
+                cells = []
+                for m in METRICS:
+                    d = [rows[a][seed][sampler][m] - rows[b][seed][sampler][m] for seed in rows[a]]
+                    cells.append(f"{mean_std(d)} ({sum(v < 0 for v in d)}/{len(d)})")
+                lines.append(f"| {a} - {b} | {sampler} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = am.OneLineParser(prog="shapes_study.py", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, nargs="+", default=[1500, 6000], help="training lengths, steps in all")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n-per-class", type=int, default=500, help="samples per class for the metrics")
+    p.add_argument("--euler-steps", type=int, default=50, help="Euler steps of the flow stage's sampler")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU thread each)")
+    p.add_argument("--out", default="", help="root of runs/ and results/ (default: the repository)")
+    p.add_argument("--fast", action="store_true", help="test size: 20 steps, one seed, 20 per class")
+    p.add_argument("--report", action="store_true", help="print the committed record's table, no run")
+    args = p.parse_args(argv)
+    if args.fast:
+        args.steps, args.seeds, args.n_per_class, args.euler_steps = [20], [0], 20, 5
+    if min(args.steps) < 10 or min(args.n_per_class, args.euler_steps, args.workers) < 1 or min(args.seeds) < 0:
+        p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0")
+    args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
+    path = os.path.join(args.out, "results", "shapes_study.json")
+    if args.report:
+        if not os.path.exists(path):
+            p.error(f"no record at {path}; run the study first")
+        print(table(json.load(open(path))))
+        return {}
+    record = study(args)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    steps, seed = max(args.steps), args.seeds[0]
+    figure_path = os.path.join(args.out, "assets", "shapes_study.png")
+    os.makedirs(os.path.dirname(figure_path), exist_ok=True)
+    figure(figure_path, os.path.join(args.out, "runs", "shapes_study", f"steps{steps}", f"seed{seed}"), seed)
+    print(table(record))
+    print(f"\nwrote {path} and {figure_path}; wall {record['seconds_wall']:.1f} s")
+    return record
+
+
+if __name__ == "__main__":
+    main()
