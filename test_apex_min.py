@@ -1745,6 +1745,54 @@ def test_toy_modes_script_at_test_size(tmp_path):
         assert record["rows"][f"{n}@2"]["ring"]["sw1"] != record["rows"][n]["ring"]["sw1"]
 
 
+def test_shapes_study_valid_images_hold_every_drawn_image_and_the_metrics_rank_known_samples():
+    """experiments/shapes_study.py: every image make_shapes draws, flipped or not, is one of its
+    class's valid images; data draws score atom_rmse 0 and colour 1; a blurred copy scores worse
+    in sw1 and atom_rmse, and a copy collapsed onto one place worse in place_tv."""
+    study = _experiment("shapes_study")
+    atoms = study.valid_images()
+    assert atoms.shape == (10, 144, 3, 16, 16)
+    x, y = study.data_distribution(seed=1)
+    for k in range(10):
+        idx, dist = study.nearest(x[y == k], atoms[k])
+        assert dist.max() < 1e-6
+    data = study.data_row(seed=1, n_per_class=60)
+    assert data["atom_rmse"] < 1e-6 and data["colour"] == 1.0
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([torch.nonzero(y == k)[:60, 0] for k in range(10)])
+    xs, ys = x[picks], y[picks]
+    blurred = torch.nn.functional.avg_pool2d(xs, 5, stride=1, padding=2, count_include_pad=False)
+    blur, sharp = study.scores(blurred, ys, x, y, atoms), study.scores(xs, ys, x, y, atoms)
+    assert blur["sw1"] > 1.5 * sharp["sw1"] and blur["atom_rmse"] > 0.1 and sharp["atom_rmse"] < 1e-6
+    collapsed = study.scores(atoms[ys, torch.zeros_like(ys)], ys, x, y, atoms)
+    assert collapsed["atom_rmse"] < 1e-6 and collapsed["place_tv"] > 0.9 > data["place_tv"]
+    wrong = study.scores(atoms[(ys + 1) % 10, torch.randint(144, ys.shape, generator=g)], ys, x, y, atoms)
+    assert wrong["colour"] == 0.0
+
+
+def test_shapes_study_script_at_test_size(tmp_path):
+    """python experiments/shapes_study.py --fast: every arm and the flow stage scored at both
+    samplers, the figure written; a second call reuses the finished runs (no training)."""
+    cmd = [sys.executable, "experiments/shapes_study.py", "--fast", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = _experiment("shapes_study")
+    record = json.loads((tmp_path / "results" / "shapes_study.json").read_text())
+    rows = record["rows"]["20"]
+    assert list(rows) == ["flow", *study.ARMS, "data"]
+    assert set(rows["flow"]["0"]) == {"euler", "1"} and set(rows["apex"]["0"]) == {"1", "2"}
+    assert set(rows["apex"]["0"]["1"]) == set(study.METRICS)
+    assert (tmp_path / "assets" / "shapes_study.png").stat().st_size > 1000
+    log = tmp_path / "runs" / "shapes_study" / "steps20" / "seed0" / "apex" / "train.log"
+    size = log.stat().st_size
+    again = subprocess.run(cmd + ["--report"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert again.returncode == 0 and "| apex_best - polish/gen0 | 1 |" in again.stdout
+    again = subprocess.run(cmd, cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and log.stat().st_size == size       # nothing trained again
+    bad = subprocess.run(cmd[:2] + ["--steps", "5"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_toy_ladder_script_at_test_size(tmp_path):
     """python experiments/toy_ladder.py --fast: the record holds every default rung with its
     per-seed metrics, and --report prints its table."""
