@@ -124,7 +124,8 @@ def evaluate(path: str, flow: bool, seed: int, n_per_class: int, euler_steps: in
     atoms, out = valid_images(), {}
     samplers = ({"euler": lambda z, y, g: am.sample_euler(net, z, y, euler_steps),
                  "1": lambda z, y, g: am.sample_euler(net, z, y, 1)} if flow else
-                {str(n): (lambda z, y, g, n=n: am.sample_fewstep(net, z, y, nfe=n, generator=g)) for n in (1, 2)})
+                {str(n): (lambda z, y, g, n=n: am.sample_fewstep(net, z, y, nfe=n, generator=g))
+                 for n in (1, 2)})
     for name, sample in samplers.items():
         z, y, g = evaluation_noise(n_per_class)
         out[name] = scores(sample(z, y, g).clamp(-1, 1), y, data_x, data_y, atoms)
@@ -165,11 +166,13 @@ def run_all(jobs: list, workers: int) -> list:  # (out_dir, flags) pairs, `worke
 def study(args) -> dict:
     start, root = time.time(), os.path.join(args.out, "runs", "shapes_study")
     common = ["--log-every", "100", "--ckpt-every", "500"]
-    where = {(s, seed): os.path.join(root, f"steps{s}", f"seed{seed}") for s in args.steps for seed in args.seeds}
+    where = {(s, seed): os.path.join(root, f"steps{s}", f"seed{seed}")
+             for s in args.steps for seed in args.seeds}
     order = sorted(where, key=lambda key: -key[0])                              # longest first
     flow_steps = {s: round(FLOW_SHARE * s) for s in args.steps}
-    run_all([(f"{where[k]}/flow", ["--objective", "fm", "--lr", LR["flow"], "--seed", str(k[1]), "--max-steps",
-                                   str(flow_steps[k[0]]), *common]) for k in order], args.workers)
+    run_all([(f"{where[k]}/flow", ["--objective", "fm", "--lr", LR["flow"], "--seed", str(k[1]),
+                                   "--max-steps", str(flow_steps[k[0]]), *common]) for k in order],
+            args.workers)
     run_all([(f"{where[k]}/{arm.replace('/', '_')}",
               ["--init-from", f"{where[k]}/flow/ckpt.pt", "--seed", str(k[1]), "--max-steps",
                str(k[0] - flow_steps[k[0]]), "--lr", LR["apex"], "--lr-schedule", "cosine", *common, *flags])
@@ -244,7 +247,8 @@ def table(record: dict) -> str:
 
 def main(argv=None) -> dict:
     p = am.OneLineParser(prog="shapes_study.py", description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, nargs="+", default=[1500, 6000], help="training lengths, steps in all")
+    p.add_argument("--steps", type=int, nargs="+", default=[1500, 6000],
+                   help="training lengths, steps in all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-per-class", type=int, default=500, help="samples per class for the metrics")
     p.add_argument("--euler-steps", type=int, default=50, help="Euler steps of the flow stage's sampler")
@@ -255,7 +259,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.fast:
         args.steps, args.seeds, args.n_per_class, args.euler_steps = [20], [0], 20, 5
-    if min(args.steps) < 10 or min(args.n_per_class, args.euler_steps, args.workers) < 1 or min(args.seeds) < 0:
+    sizes = (args.n_per_class, args.euler_steps, args.workers)
+    if min(args.steps) < 10 or min(sizes) < 1 or min(args.seeds) < 0:
         p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0")
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
     path = os.path.join(args.out, "results", "shapes_study.json")
