@@ -2,6 +2,7 @@
 
     python experiments/shapes_study.py              # 1,500 and 6,000 steps, 3 seeds: ~1 hour, 2 cores
     python experiments/shapes_study.py --report     # the table of the committed record
+    python experiments/shapes_study.py --steps 6000 --seeds 3 4   # its own record: ..._steps6000_seeds3-4
     python experiments/shapes_study.py --fast       # test size, a minute; numbers are meaningless
 
 Between the 2-D toy (exact densities, 2 dimensions) and CIFAR-10 (FID only) lie the synthetic
@@ -263,7 +264,10 @@ def main(argv=None) -> dict:
     if min(args.steps) < 10 or min(sizes) < 1 or min(args.seeds) < 0:
         p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0")
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
-    path = os.path.join(args.out, "results", "shapes_study.json")
+    stem = "shapes_study"   # other lengths or seeds: their own record, e.g. shapes_study_steps6000_seeds3-4
+    if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
+        stem += "_steps" + "-".join(map(str, args.steps)) + "_seeds" + "-".join(map(str, args.seeds))
+    path = os.path.join(args.out, "results", stem + ".json")
     if args.report:
         if not os.path.exists(path):
             p.error(f"no record at {path}; run the study first")
@@ -274,13 +278,12 @@ def main(argv=None) -> dict:
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     steps, seed = max(args.steps), args.seeds[0]
-    figure_path = os.path.join(args.out, "assets", "shapes_study.png")
+    figure_path = os.path.join(args.out, "assets", stem + ".png")
     os.makedirs(os.path.dirname(figure_path), exist_ok=True)
     figure(figure_path, os.path.join(args.out, "runs", "shapes_study", f"steps{steps}", f"seed{seed}"), seed)
     print(table(record))
     print(f"\nwrote {path} and {figure_path}; wall {record['seconds_wall']:.1f} s")
     return record
-
 
 if __name__ == "__main__":
     main()
