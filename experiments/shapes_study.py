@@ -142,6 +142,10 @@ def data_row(seed: int, n_per_class: int) -> dict:  # draws of the data distribu
 
 
 # 3. Training, through apex_min's command line ====================================================
+def run_dir(where: str, arm: str) -> str:  # a seed's folder, then one per arm ("flow" included)
+    return os.path.join(where, arm.replace("/", "_"))
+
+
 def train(out_dir: str, flags: list) -> str:
     """One `python apex_min.py` run (one CPU thread); a finished run is reused. Returns its ckpt."""
     summary = os.path.join(out_dir, "summary.json")
@@ -174,11 +178,11 @@ def study(args) -> dict:
     run_all([(f"{where[k]}/flow", ["--objective", "fm", "--lr", LR["flow"], "--seed", str(k[1]),
                                    "--max-steps", str(flow_steps[k[0]]), *common]) for k in order],
             args.workers)
-    run_all([(f"{where[k]}/{arm.replace('/', '_')}",
+    run_all([(run_dir(where[k], arm),
               ["--init-from", f"{where[k]}/flow/ckpt.pt", "--seed", str(k[1]), "--max-steps",
                str(k[0] - flow_steps[k[0]]), "--lr", LR["apex"], "--lr-schedule", "cosine", *common, *flags])
              for k in order for arm, flags in ARMS.items()], args.workers)
-    jobs = [(f"{where[k]}/{arm.replace('/', '_')}/ckpt.pt", arm == "flow", k[1], args.n_per_class,
+    jobs = [(f"{run_dir(where[k], arm)}/ckpt.pt", arm == "flow", k[1], args.n_per_class,
              args.euler_steps) for k in order for arm in ("flow", *ARMS)]
     scored = iter(toy_2d.run_jobs(evaluate, jobs, args.workers))
     rows = {s: {arm: {} for arm in ("flow", *ARMS, "data")} for s in args.steps}
@@ -201,7 +205,7 @@ def figure(path: str, where: str, seed: int) -> None:
     z, y, g = evaluation_noise(4)
     panels = {}
     for arm in ("flow", *ARMS):
-        net, _ = am.model_from_checkpoint(f"{where}/{arm.replace('/', '_')}/ckpt.pt")
+        net, _ = am.model_from_checkpoint(f"{run_dir(where, arm)}/ckpt.pt")
         panels[arm + (" (Euler 50)" if arm == "flow" else "")] = (
             am.sample_euler(net, z, y, 50) if arm == "flow" else am.sample_fewstep(net, z, y, generator=g))
     data_x, data_y = data_distribution(seed)
@@ -219,9 +223,9 @@ def figure(path: str, where: str, seed: int) -> None:
 
 
 # 4. Report =======================================================================================
-def mean_std(values: list) -> str:
-    t = torch.tensor(values, dtype=torch.float64)
-    return f"{t.mean():.4f} +- {t.std():.4f}" if len(t) > 1 else f"{t.mean():.4f}"
+def mean_std(values: list) -> str:  # toy_2d's mean and std, as a table cell
+    mean, std = toy_2d.mean_std(values)
+    return f"{mean:.4f} +- {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
 def table(record: dict) -> str:
