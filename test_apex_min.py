@@ -1793,6 +1793,29 @@ def test_shapes_study_script_at_test_size(tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
+    """shapes_study.py --pool: a record split by seed into two files gives the table of the whole
+    record again; a seed in two records is one line and exit 2, no table."""
+    study = _experiment("shapes_study")
+    whole = json.loads((HERE / "results" / "shapes_study.json").read_text())
+    parts = [{"rows": {s: {arm: {k: v for k, v in by_seed.items() if (k == "2") == last}
+                           for arm, by_seed in by_arm.items()} for s, by_arm in whole["rows"].items()}}
+             for last in (False, True)]
+    assert study.table(study.pooled(parts)) == study.table(whole)
+    assert "(3/3)" in study.table(whole) and "(2/2)" not in study.table(whole)
+    files = []
+    for i, part in enumerate(parts + [parts[1]]):
+        files.append(tmp_path / f"part{i}.json")
+        files[-1].write_text(json.dumps(part))
+    cmd = [sys.executable, "experiments/shapes_study.py", "--pool"]
+    done = subprocess.run(cmd + [str(f) for f in files[:2]], cwd=HERE, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == study.table(whole).strip()
+    done = subprocess.run(cmd + [str(f) for f in files], cwd=HERE, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and "in two records" in done.stderr
+    assert "Traceback" not in done.stderr
+
 def test_toy_ladder_script_at_test_size(tmp_path):
     """python experiments/toy_ladder.py --fast: the record holds every default rung with its
     per-seed metrics, and --report prints its table."""

@@ -3,6 +3,7 @@
     python experiments/shapes_study.py              # 1,500 and 6,000 steps, 3 seeds: ~1 hour, 2 cores
     python experiments/shapes_study.py --report     # the table of the committed record
     python experiments/shapes_study.py --steps 6000 --seeds 3 4   # its own record: ..._steps6000_seeds3-4
+    python experiments/shapes_study.py --pool results/shapes_study*.json   # every record, seeds joined
     python experiments/shapes_study.py --fast       # test size, a minute; numbers are meaningless
 
 Between the 2-D toy (exact densities, 2 dimensions) and CIFAR-10 (FID only) lie the synthetic
@@ -228,11 +229,25 @@ def mean_std(values: list) -> str:  # toy_2d's mean and std, as a table cell
     return f"{mean:.4f} +- {std:.4f}" if len(values) > 1 else f"{mean:.4f}"
 
 
+def pooled(records: list) -> dict:
+    """The rows of several records (e.g. a replication on other seeds), their seeds joined per length."""
+    rows = {}
+    for record in records:
+        for s, by_arm in record["rows"].items():
+            for arm, by_seed in by_arm.items():
+                mine = rows.setdefault(s, {}).setdefault(arm, {})
+                if set(mine) & set(by_seed):
+                    raise ValueError(f"seed {sorted(set(mine) & set(by_seed))} of {s} steps is in two records")
+                mine.update(by_seed)
+    return {"rows": dict(sorted(rows.items(), key=lambda item: int(item[0])))}
+
+
 def table(record: dict) -> str:
     lines = []
     for s, rows in record["rows"].items():
+        seeds = sorted(int(seed) for seed in rows["flow"])
         lines += [f"\n{s} steps ({round(FLOW_SHARE * int(s))} flow + {int(s) - round(FLOW_SHARE * int(s))} "
-                  f"APEX stage), mean +- std over seeds {record['seeds']}",
+                  f"APEX stage), mean +- std over seeds {seeds}",
                   "| arm | sampler | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
         for arm, by_seed in rows.items():
             for sampler in next(iter(by_seed.values())):
@@ -261,6 +276,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="", help="root of runs/ and results/ (default: the repository)")
     p.add_argument("--fast", action="store_true", help="test size: 20 steps, one seed, 20 per class")
     p.add_argument("--report", action="store_true", help="print the committed record's table, no run")
+    p.add_argument("--pool", nargs="+", metavar="RECORD",
+                   help="print the table of these records with their seeds joined per length, no run")
     args = p.parse_args(argv)
     if args.fast:
         args.steps, args.seeds, args.n_per_class, args.euler_steps = [20], [0], 20, 5
@@ -272,6 +289,15 @@ def main(argv=None) -> dict:
     if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
         stem += "_steps" + "-".join(map(str, args.steps)) + "_seeds" + "-".join(map(str, args.seeds))
     path = os.path.join(args.out, "results", stem + ".json")
+    if args.pool:
+        missing = [f for f in args.pool if not os.path.exists(f)]
+        if missing:
+            p.error(f"no record at {missing[0]}")
+        try:
+            print(table(pooled([json.load(open(f)) for f in args.pool])))
+        except ValueError as e:
+            p.error(str(e))
+        return {}
     if args.report:
         if not os.path.exists(path):
             p.error(f"no record at {path}; run the study first")
@@ -288,6 +314,7 @@ def main(argv=None) -> dict:
     print(table(record))
     print(f"\nwrote {path} and {figure_path}; wall {record['seconds_wall']:.1f} s")
     return record
+
 
 if __name__ == "__main__":
     main()
