@@ -236,8 +236,8 @@ def pooled(records: list) -> dict:
         for s, by_arm in record["rows"].items():
             for arm, by_seed in by_arm.items():
                 mine = rows.setdefault(s, {}).setdefault(arm, {})
-                if set(mine) & set(by_seed):
-                    raise ValueError(f"seed {sorted(set(mine) & set(by_seed))} of {s} steps is in two records")
+                if twice := sorted(set(mine) & set(by_seed)):
+                    raise ValueError(f"seeds {', '.join(twice)} of {s} steps are in two records")
                 mine.update(by_seed)
     return {"rows": dict(sorted(rows.items(), key=lambda item: int(item[0])))}
 
