@@ -1772,7 +1772,8 @@ def test_shapes_study_valid_images_hold_every_drawn_image_and_the_metrics_rank_k
 
 def test_shapes_study_script_at_test_size(tmp_path):
     """python experiments/shapes_study.py --fast: every arm and the flow stage scored at both
-    samplers, the figure written; a second call reuses the finished runs (no training)."""
+    samplers, the figure written; a second call reuses the finished runs (no training), and so does
+    one with --arms, whose record holds those arms only, scored as before."""
     cmd = [sys.executable, "experiments/shapes_study.py", "--fast", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -1789,6 +1790,12 @@ def test_shapes_study_script_at_test_size(tmp_path):
     assert again.returncode == 0 and "| apex_best - polish/gen0 | 1 |" in again.stdout
     again = subprocess.run(cmd, cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and log.stat().st_size == size       # nothing trained again
+    some = subprocess.run(cmd + ["--arms", "apex", "gen0"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)                    # a subset: its own record, its pairs
+    assert some.returncode == 0 and log.stat().st_size == size
+    part = json.loads((tmp_path / "results" / "shapes_study_arms-apex-gen0.json").read_text())["rows"]["20"]
+    assert list(part) == ["flow", "apex", "gen0", "data"] and part["apex"] == rows["apex"]
+    assert "| apex - gen0 | 1 |" in some.stdout and "consistency" not in some.stdout
     bad = subprocess.run(cmd[:2] + ["--steps", "5"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 

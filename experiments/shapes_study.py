@@ -4,6 +4,8 @@
     python experiments/shapes_study.py --report     # the table of the committed record
     python experiments/shapes_study.py --steps 6000 --seeds 3 4   # its own record: ..._steps6000_seeds3-4
     python experiments/shapes_study.py --pool results/shapes_study*.json   # every record, seeds joined
+    python experiments/shapes_study.py --steps 24000 --seeds 0 1 --arms gen0 apex consistency
+                                                    # some arms only, trained in the order given
     python experiments/shapes_study.py --fast       # test size, a minute; numbers are meaningless
 
 Between the 2-D toy (exact densities, 2 dimensions) and CIFAR-10 (FID only) lie the synthetic
@@ -181,23 +183,24 @@ def study(args) -> dict:
             args.workers)
     run_all([(run_dir(where[k], arm),
               ["--init-from", f"{where[k]}/flow/ckpt.pt", "--seed", str(k[1]), "--max-steps",
-               str(k[0] - flow_steps[k[0]]), "--lr", LR["apex"], "--lr-schedule", "cosine", *common, *flags])
-             for k in order for arm, flags in ARMS.items()], args.workers)
+               str(k[0] - flow_steps[k[0]]), "--lr", LR["apex"], "--lr-schedule", "cosine", *common,
+               *ARMS[arm]]) for arm in args.arms for k in order], args.workers)   # an arm's seeds together
     jobs = [(f"{run_dir(where[k], arm)}/ckpt.pt", arm == "flow", k[1], args.n_per_class,
-             args.euler_steps) for k in order for arm in ("flow", *ARMS)]
+             args.euler_steps) for k in order for arm in ("flow", *args.arms)]
     scored = iter(toy_2d.run_jobs(evaluate, jobs, args.workers))
-    rows = {s: {arm: {} for arm in ("flow", *ARMS, "data")} for s in args.steps}
+    rows = {s: {arm: {} for arm in ("flow", *args.arms, "data")} for s in args.steps}
     for k in order:
-        for arm in ("flow", *ARMS):
+        for arm in ("flow", *args.arms):
             rows[k[0]][arm][k[1]] = next(scored)
         rows[k[0]]["data"][k[1]] = {"1": data_row(k[1], args.n_per_class)}
     return {"rows": {str(s): r for s, r in rows.items()}, "steps": args.steps, "seeds": args.seeds,
-            "flow_share": FLOW_SHARE, "lr": LR, "arms": ARMS, "n_per_class": args.n_per_class,
+            "flow_share": FLOW_SHARE, "lr": LR,
+            "arms": {arm: ARMS[arm] for arm in args.arms}, "n_per_class": args.n_per_class,
             "euler_steps": args.euler_steps, "env": am.environment(),
             "seconds_wall": round(time.time() - start, 1)}
 
 
-def figure(path: str, where: str, seed: int) -> None:
+def figure(path: str, where: str, seed: int, arms: list) -> None:
     """Four 1-NFE samples per class of each arm (the flow stage: 50 Euler steps) and of the data."""
     import matplotlib
     matplotlib.use("Agg")
@@ -205,7 +208,7 @@ def figure(path: str, where: str, seed: int) -> None:
     from torchvision.utils import make_grid
     z, y, g = evaluation_noise(4)
     panels = {}
-    for arm in ("flow", *ARMS):
+    for arm in ("flow", *arms):
         net, _ = am.model_from_checkpoint(f"{run_dir(where, arm)}/ckpt.pt")
         panels[arm + (" (Euler 50)" if arm == "flow" else "")] = (
             am.sample_euler(net, z, y, 50) if arm == "flow" else am.sample_fewstep(net, z, y, generator=g))
@@ -255,7 +258,7 @@ def table(record: dict) -> str:
                 lines.append(f"| {arm} | {sampler} | " + " | ".join(cells) + " |")
         lines += ["", "paired d = first - second (per seed), and how many seeds have d < 0",
                   "| d | sampler | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
-        for a, b in PAIRS:
+        for a, b in [(a, b) for a, b in PAIRS if a in rows and b in rows]:   # the arms that ran
             for sampler in ("1", "2"):
                 cells = []
                 for m in METRICS:
@@ -272,6 +275,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-per-class", type=int, default=500, help="samples per class for the metrics")
     p.add_argument("--euler-steps", type=int, default=50, help="Euler steps of the flow stage's sampler")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                   help="the APEX stages to train, in this order (default: all five)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--out", default="", help="root of runs/ and results/ (default: the repository)")
     p.add_argument("--fast", action="store_true", help="test size: 20 steps, one seed, 20 per class")
@@ -288,6 +293,9 @@ def main(argv=None) -> dict:
     stem = "shapes_study"   # other lengths or seeds: their own record, e.g. shapes_study_steps6000_seeds3-4
     if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
         stem += "_steps" + "-".join(map(str, args.steps)) + "_seeds" + "-".join(map(str, args.seeds))
+    args.arms = list(dict.fromkeys(args.arms))
+    if args.arms != list(ARMS):   # e.g. shapes_study_steps24000_seeds0-1_arms-gen0-apex-consistency
+        stem += "_arms-" + "-".join(arm.replace("/", "_") for arm in args.arms)
     path = os.path.join(args.out, "results", stem + ".json")
     if args.pool:
         missing = [f for f in args.pool if not os.path.exists(f)]
@@ -310,7 +318,8 @@ def main(argv=None) -> dict:
     steps, seed = max(args.steps), args.seeds[0]
     figure_path = os.path.join(args.out, "assets", stem + ".png")
     os.makedirs(os.path.dirname(figure_path), exist_ok=True)
-    figure(figure_path, os.path.join(args.out, "runs", "shapes_study", f"steps{steps}", f"seed{seed}"), seed)
+    figure(figure_path, os.path.join(args.out, "runs", "shapes_study", f"steps{steps}", f"seed{seed}"), seed,
+           args.arms)
     print(table(record))
     print(f"\nwrote {path} and {figure_path}; wall {record['seconds_wall']:.1f} s")
     return record
