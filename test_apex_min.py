@@ -1802,7 +1802,8 @@ def test_shapes_study_script_at_test_size(tmp_path):
 
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     """shapes_study.py --pool: a record split by seed into two files gives the table of the whole
-    record again; a seed in two records is one line and exit 2, no table."""
+    record again; a seed in two records is one line and exit 2, no table; --figure plots the
+    records, and asks for --pool."""
     study = _experiment("shapes_study")
     whole = json.loads((HERE / "results" / "shapes_study.json").read_text())
     parts = [{"rows": {s: {arm: {k: v for k, v in by_seed.items() if (k == "2") == last}
@@ -1822,6 +1823,14 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == "" and "in two records" in done.stderr
     assert "Traceback" not in done.stderr
+    figure = tmp_path / "lengths.png"                 # the paired sliced W1 against the length
+    done = subprocess.run(cmd + [str(f) for f in files[:2]] + ["--figure", str(figure)], cwd=HERE,
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and figure.stat().st_size > 1000
+    done = subprocess.run(cmd[:2] + ["--figure", str(figure)], cwd=HERE, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)   # no records to plot
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
 
 def test_toy_ladder_script_at_test_size(tmp_path):
     """python experiments/toy_ladder.py --fast: the record holds every default rung with its

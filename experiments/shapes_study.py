@@ -4,6 +4,7 @@
     python experiments/shapes_study.py --report     # the table of the committed record
     python experiments/shapes_study.py --steps 6000 --seeds 3 4   # its own record: ..._steps6000_seeds3-4
     python experiments/shapes_study.py --pool results/shapes_study*.json   # every record, seeds joined
+    python experiments/shapes_study.py --pool results/shapes_study*.json --figure assets/shapes_lengths.png
     python experiments/shapes_study.py --steps 24000 --seeds 0 1 --arms gen0 apex consistency
                                                     # some arms only, trained in the order given
     python experiments/shapes_study.py --fast       # test size, a minute; numbers are meaningless
@@ -245,6 +246,34 @@ def pooled(records: list) -> dict:
     return {"rows": dict(sorted(rows.items(), key=lambda item: int(item[0])))}
 
 
+def lengths_figure(rows: dict, path: str) -> None:
+    """sliced W1 of apex - gen0 and of apex - consistency against the length: seeds and mean +- std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True, layout="constrained")
+    for ax, sampler in zip(axes, ("1", "2")):
+        for (a, b), colour, nudge in ((("apex", "gen0"), "C0", 0.96), (("apex", "consistency"), "C1", 1.04)):
+            points = [(int(s) * nudge, [arm[a][seed][sampler]["sw1"] - arm[b][seed][sampler]["sw1"]
+                                        for seed in arm[a] if seed in arm[b]])   # the per-seed d
+                      for s, arm in rows.items() if a in arm and b in arm]
+            for x, d in points:
+                ax.scatter([x] * len(d), d, s=8, color=colour, alpha=0.4)
+            stats = [toy_2d.mean_std(d) for _, d in points]
+            ax.errorbar([x for x, _ in points], [m for m, _ in stats], [sd for _, sd in stats], color=colour,
+                        marker="o", capsize=3, label=f"{a} - {b}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks([int(s) for s in rows], [f"{int(s):,}" for s in rows])
+        ax.minorticks_off()
+        ax.set_title(f"{sampler} NFE: below 0, the generator term helps", fontsize=9)
+    axes[0].set_ylabel("paired difference of sliced W1")
+    fig.supxlabel("training steps in all (60% flow stage, then the APEX stage)", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def table(record: dict) -> str:
     lines = []
     for s, rows in record["rows"].items():
@@ -283,6 +312,7 @@ def main(argv=None) -> dict:
     p.add_argument("--report", action="store_true", help="print the committed record's table, no run")
     p.add_argument("--pool", nargs="+", metavar="RECORD",
                    help="print the table of these records with their seeds joined per length, no run")
+    p.add_argument("--figure", metavar="PATH", help="with --pool: also plot the paired sliced W1 by length")
     args = p.parse_args(argv)
     if args.fast:
         args.steps, args.seeds, args.n_per_class, args.euler_steps = [20], [0], 20, 5
@@ -297,14 +327,20 @@ def main(argv=None) -> dict:
     if args.arms != list(ARMS):   # e.g. shapes_study_steps24000_seeds0-1_arms-gen0-apex-consistency
         stem += "_arms-" + "-".join(arm.replace("/", "_") for arm in args.arms)
     path = os.path.join(args.out, "results", stem + ".json")
+    if args.figure and not args.pool:
+        p.error("--figure goes with --pool")
     if args.pool:
         missing = [f for f in args.pool if not os.path.exists(f)]
         if missing:
             p.error(f"no record at {missing[0]}")
         try:
-            print(table(pooled([json.load(open(f)) for f in args.pool])))
+            rows = pooled([json.load(open(f)) for f in args.pool])
         except ValueError as e:
             p.error(str(e))
+        print(table(rows))
+        if args.figure:
+            lengths_figure(rows["rows"], args.figure)
+            print(f"\nwrote {args.figure}")
         return {}
     if args.report:
         if not os.path.exists(path):
