@@ -1887,6 +1887,19 @@ def test_readme_cifar_table_is_the_committed_record(tmp_path):
             assert line.split("|")[5 if key.endswith("1") else 6].strip().strip("*") == f"{m:.1f} +- {s:.1f}", line
 
 
+def test_cifar_ablation_table_pairs_the_arms_by_seed():
+    """`cifar_ablation.py table` gives each pair's per-seed differences (same teacher and seed) as
+    mean +- std and the seeds where the first arm is lower, from the merged record."""
+    ablation = _experiment("cifar_ablation")
+    merged = json.load(open(os.path.join(HERE, "results", "cifar_ablation.json")))
+    (line,) = [l for l in ablation.table(merged).splitlines() if l.startswith("apex_released-2k - gen0-2k ")]
+    apex, gen0 = ({r["seed"]: r for r in merged["arms"][arm]} for arm in ("apex_released-2k", "gen0-2k"))
+    for k in ("fid10k_nfe1", "fid10k_nfe2"):
+        d = [apex[seed][k] - gen0[seed][k] for seed in (0, 1, 2)]
+        mean, std = ablation.mean_std(d)
+        assert f"{mean:+6.2f}+-{std:5.2f} ({sum(v < 0 for v in d)}/3)" in line, line
+
+
 def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys, monkeypatch):
     profile = _experiment("profile_step")
     monkeypatch.setattr(apex_min.MLP, "forward", apex_min.MLP.forward)   # --plain-mlp replaces it

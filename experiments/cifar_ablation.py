@@ -2,6 +2,7 @@
 
     python experiments/cifar_ablation.py collect DIR [DIR ...]   # folders holding NAME_sS.json
     python experiments/cifar_ablation.py table                   # the table of the merged record
+                                                                 # and the arms' paired differences
 
 Each record is copied to results/cifar_ablation/NAME_sS.json (config, env, summary, FID, log);
 the merged record lists every arm per seed, and the table gives mean +- std over the seeds.
@@ -27,6 +28,10 @@ def row(record: dict) -> dict:
     if "Euler 50" in fid:
         out["fid10k_euler50"] = round(fid["Euler 50"]["fid"], 2)
     return out
+
+
+PAIRS = (("apex_released", "gen0"), ("apex_best", "gen0"), ("apex_best", "consistency"),
+         ("consistency", "gen0"))
 
 
 def merge() -> dict:
@@ -58,6 +63,19 @@ def table(merged: dict) -> str:
         cells = [mean_std([r[k] for r in rows]) for k in ("fid10k_nfe1", "fid10k_nfe2")]
         lines.append(f"{arm:16s} {len(rows):5d} " + " ".join(f"{m:7.2f}+-{s:5.2f}" for m, s in cells)
                      + f" {rows[0]['steps']:6d} {mean_std([r['img_per_s'] for r in rows])[0]:7.0f}")
+    lines += ["", "paired by seed (same teacher): d = first - second, mean +- std (seeds with d < 0)",
+              f"{'d':34s} {'1 NFE':>19s} {'2 NFE':>19s}"]
+    for a, b in PAIRS:
+        for tag in ("", "-2k"):   # 1,000 and 2,000 steps
+            first, second = ({r["seed"]: r for r in merged["arms"].get(arm + tag, [])} for arm in (a, b))
+            seeds = sorted(set(first) & set(second))
+            if len(seeds) > 1:
+                cells = []
+                for k in ("fid10k_nfe1", "fid10k_nfe2"):
+                    d = [first[seed][k] - second[seed][k] for seed in seeds]
+                    (m, sd), wins = mean_std(d), sum(v < 0 for v in d)
+                    cells.append(f"{m:+6.2f}+-{sd:5.2f} ({wins}/{len(d)})")
+                lines.append(f"{a + tag + ' - ' + b + tag:34s} " + " ".join(cells))
     return "\n".join(lines)
 
 
