@@ -1832,6 +1832,21 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_toy_ladder_table_gives_the_generator_term_alone():
+    """The ladder's table ends with apex_released - gen0 per mixture (the same rung with the
+    generator term and without it, paired by seed), and leaves it out when a rung is missing."""
+    toy_ladder = _experiment("toy_ladder")
+    record = json.loads((HERE / "results" / "toy_ladder_steps12000.json").read_text())
+    last = toy_ladder.table(record).splitlines()[-1]
+    for target in ("ring", "grid"):
+        d = [a - b for a, b in zip(record["rungs"]["apex_released"][target]["sw1"],
+                                   record["rungs"]["gen0"][target]["sw1"])]
+        mean, std = toy_2d.mean_std(d)
+        assert last.startswith("apex_released - gen0") and f"{target} {mean:+.4f}+-{std:.4f}" in last
+    del record["rungs"]["gen0"]
+    assert "apex_released - gen0" not in toy_ladder.table(record)
+
+
 def test_toy_ladder_script_at_test_size(tmp_path):
     """python experiments/toy_ladder.py --fast: the record holds every default rung with its
     per-seed metrics, and --report prints its table."""

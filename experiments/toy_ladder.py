@@ -368,6 +368,11 @@ def table(record: dict) -> str:
             cells += (f"| {q['sw1'][0]:.4f}+-{q['sw1'][1]:.4f} {q['share3'][0]:.3f}+-"
                       f"{q['share3'][1]:.3f} {q['coverage'][0]:.2f} d {d[0]:+.4f}+-{d[1]:.4f} ")
         lines.append(f"{name:34s}{cells}")
+    term, control = record["rungs"].get("apex_released"), record["rungs"].get("gen0")
+    if term and control:   # the generator term alone: the same rung with it and without it
+        d = {t: toy_2d.mean_std([a - b for a, b in zip(term[t]["sw1"], control[t]["sw1"])]) for t in targets}
+        lines.append("apex_released - gen0, paired sliced W1: "
+                     + ", ".join(f"{t} {m:+.4f}+-{sd:.4f}" for t, (m, sd) in d.items()))
     return "\n".join(lines)
 
 
