@@ -246,6 +246,12 @@ def pooled(records: list) -> dict:
     return {"rows": dict(sorted(rows.items(), key=lambda item: int(item[0])))}
 
 
+def paired(rows: dict, a: str, b: str, sampler: str, metric: str = "sw1") -> list:
+    """d = a - b per seed that ran both arms (rows: one length's arms)."""
+    return [rows[a][seed][sampler][metric] - rows[b][seed][sampler][metric]
+            for seed in rows[a] if seed in rows[b]]
+
+
 def lengths_figure(rows: dict, path: str) -> None:
     """sliced W1 of apex - gen0 and of apex - consistency against the length: seeds and mean +- std."""
     import matplotlib
@@ -254,9 +260,8 @@ def lengths_figure(rows: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True, layout="constrained")
     for ax, sampler in zip(axes, ("1", "2")):
         for (a, b), colour, nudge in ((("apex", "gen0"), "C0", 0.96), (("apex", "consistency"), "C1", 1.04)):
-            points = [(int(s) * nudge, [arm[a][seed][sampler]["sw1"] - arm[b][seed][sampler]["sw1"]
-                                        for seed in arm[a] if seed in arm[b]])   # the per-seed d
-                      for s, arm in rows.items() if a in arm and b in arm]
+            points = [(int(s) * nudge, paired(arms, a, b, sampler)) for s, arms in rows.items()
+                      if a in arms and b in arms]
             for x, d in points:
                 ax.scatter([x] * len(d), d, s=8, color=colour, alpha=0.4)
             stats = [toy_2d.mean_std(d) for _, d in points]
@@ -291,7 +296,7 @@ def table(record: dict) -> str:
             for sampler in ("1", "2"):
                 cells = []
                 for m in METRICS:
-                    d = [rows[a][seed][sampler][m] - rows[b][seed][sampler][m] for seed in rows[a]]
+                    d = paired(rows, a, b, sampler, m)
                     cells.append(f"{mean_std(d)} ({sum(v < 0 for v in d)}/{len(d)})")
                 lines.append(f"| {a} - {b} | {sampler} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -354,6 +354,10 @@ def main(argv=None) -> dict:
     return record
 
 
+def paired_sw1(first: dict, second: dict, target: str) -> tuple:  # mean, std of the per-seed d
+    return toy_2d.mean_std([a - b for a, b in zip(first[target]["sw1"], second[target]["sw1"])])
+
+
 def table(record: dict) -> str:
     """Mean +- std over seeds; d: the paired (same seed) difference to consistency, mean +- std."""
     targets = [t for t in ("ring", "grid") if t in record["rungs"]["consistency"]]
@@ -364,13 +368,13 @@ def table(record: dict) -> str:
         cells = ""
         for t in targets:
             q = {k: toy_2d.mean_std(rung[t][k]) for k in ("sw1", "share3", "coverage")}
-            d = toy_2d.mean_std([a - b for a, b in zip(rung[t]["sw1"], base[t]["sw1"])])
+            d = paired_sw1(rung, base, t)
             cells += (f"| {q['sw1'][0]:.4f}+-{q['sw1'][1]:.4f} {q['share3'][0]:.3f}+-"
                       f"{q['share3'][1]:.3f} {q['coverage'][0]:.2f} d {d[0]:+.4f}+-{d[1]:.4f} ")
         lines.append(f"{name:34s}{cells}")
     term, control = record["rungs"].get("apex_released"), record["rungs"].get("gen0")
     if term and control:   # the generator term alone: the same rung with it and without it
-        d = {t: toy_2d.mean_std([a - b for a, b in zip(term[t]["sw1"], control[t]["sw1"])]) for t in targets}
+        d = {t: paired_sw1(term, control, t) for t in targets}
         lines.append("apex_released - gen0, paired sliced W1: "
                      + ", ".join(f"{t} {m:+.4f}+-{sd:.4f}" for t, (m, sd) in d.items()))
     return "\n".join(lines)
