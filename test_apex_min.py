@@ -1821,7 +1821,8 @@ def test_shapes_study_script_at_test_size(tmp_path):
 
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     """shapes_study.py --pool: a record split by seed into two files gives the table of the whole
-    record again; a seed in two records is one line and exit 2, no table; --figure plots the
+    record again, and so does one split by arm (the flow stage and data rows in both); a seed
+    whose rows differ between two records is one line and exit 2, no table; --figure plots the
     records, and asks for --pool."""
     study = _experiment("shapes_study")
     whole = json.loads((HERE / "results" / "shapes_study.json").read_text())
@@ -1830,8 +1831,14 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
              for last in (False, True)]
     assert study.table(study.pooled(parts)) == study.table(whole)
     assert "(3/3)" in study.table(whole) and "(2/2)" not in study.table(whole)
+    by_arm = [{"rows": {s: {arm: by_seed for arm, by_seed in arms.items()
+                            if arm in ("flow", "data") or (arm in ("apex", "gen0")) == first}
+                        for s, arms in whole["rows"].items()}} for first in (True, False)]
+    assert study.table(study.pooled(by_arm)) == study.table(whole)
+    clash = json.loads(json.dumps(parts[1]))
+    clash["rows"]["1500"]["flow"]["2"]["1"]["sw1"] += 1e-4     # the same seed's flow stage, another number
     files = []
-    for i, part in enumerate(parts + [parts[1]]):
+    for i, part in enumerate(parts + [clash]):
         files.append(tmp_path / f"part{i}.json")
         files[-1].write_text(json.dumps(part))
     cmd = [sys.executable, "experiments/shapes_study.py", "--pool"]
@@ -1840,7 +1847,7 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == study.table(whole).strip()
     done = subprocess.run(cmd + [str(f) for f in files], cwd=HERE, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stdout == "" and "in two records" in done.stderr
+    assert done.returncode == 2 and done.stdout == "" and "in two records that differ" in done.stderr
     assert "Traceback" not in done.stderr
     figure = tmp_path / "lengths.png"                 # the paired sliced W1 against the length
     done = subprocess.run(cmd + [str(f) for f in files[:2]] + ["--figure", str(figure)], cwd=HERE,

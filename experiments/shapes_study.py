@@ -234,16 +234,20 @@ def mean_std(values: list) -> str:  # toy_2d's mean and std, as a table cell
 
 
 def pooled(records: list) -> dict:
-    """The rows of several records (e.g. a replication on other seeds), their seeds joined per length."""
+    """The rows of several records (e.g. a replication on other seeds, or other arms of the same
+    seeds, whose flow stage and data rows then repeat, equal), their seeds joined per length."""
     rows = {}
     for record in records:
         for s, by_arm in record["rows"].items():
             for arm, by_seed in by_arm.items():
                 mine = rows.setdefault(s, {}).setdefault(arm, {})
-                if twice := sorted(set(mine) & set(by_seed)):
-                    raise ValueError(f"seeds {', '.join(twice)} of {s} steps are in two records")
+                if twice := sorted(k for k in set(mine) & set(by_seed) if mine[k] != by_seed[k]):
+                    raise ValueError(f"seeds {', '.join(twice)} of {s} steps are in two records "
+                                     f"that differ ({arm})")
                 mine.update(by_seed)
-    return {"rows": dict(sorted(rows.items(), key=lambda item: int(item[0])))}
+    order = ["flow", *ARMS, "data"]   # the rows of a record, in the order a whole record has them
+    return {"rows": {s: {arm: rows[s][arm] for arm in sorted(rows[s], key=order.index)}
+                     for s in sorted(rows, key=int)}}
 
 
 def paired(rows: dict, a: str, b: str, sampler: str, metric: str = "sw1") -> list:
