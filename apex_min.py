@@ -560,6 +560,9 @@ def save_checkpoint(path: str, state: dict) -> None:
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
+def current_fields(config: dict) -> dict:  # a saved config less the options older code had
+    return {k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(Config)}}
+
 def load_checkpoint(path: str, device="cpu", cfg: Config = None) -> dict:
     """cfg: check that the checkpoint holds the same architecture."""
     if not os.path.isfile(path):
@@ -568,6 +571,9 @@ def load_checkpoint(path: str, device="cpu", cfg: Config = None) -> dict:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}")
+    if retired := sorted(set(ckpt["config"]) - set(current_fields(ckpt["config"]))):
+        print(f"note: {path}: options of older code ignored: {', '.join(retired)}", file=sys.stderr)
+        ckpt["config"] = current_fields(ckpt["config"])
     keys = ("image_size", "channels", "patch_size", "dim", "depth", "heads", "num_classes")
     differ = [f"{k} {ckpt['config'].get(k)} vs {getattr(cfg, k)}" for k in keys
               if cfg and ckpt["config"].get(k) != getattr(cfg, k)]

