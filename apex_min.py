@@ -571,9 +571,10 @@ def load_checkpoint(path: str, device="cpu", cfg: Config = None) -> dict:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}")
-    if retired := sorted(set(ckpt["config"]) - set(current_fields(ckpt["config"]))):
+    config = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    if retired := sorted(set(config) - set(current_fields(config))):
         print(f"note: {path}: options of older code ignored: {', '.join(retired)}", file=sys.stderr)
-        ckpt["config"] = current_fields(ckpt["config"])
+        ckpt["config"] = current_fields(config)
     keys = ("image_size", "channels", "patch_size", "dim", "depth", "heads", "num_classes")
     differ = [f"{k} {ckpt['config'].get(k)} vs {getattr(cfg, k)}" for k in keys
               if cfg and ckpt["config"].get(k) != getattr(cfg, k)]
