@@ -561,7 +561,8 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(path + ".tmp", path)
 
 def current_fields(config: dict) -> dict:  # a saved config less the options older code had
-    return {k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(Config)}}
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in config.items() if k in names}
 
 def load_checkpoint(path: str, device="cpu", cfg: Config = None) -> dict:
     """cfg: check that the checkpoint holds the same architecture."""
@@ -572,9 +573,10 @@ def load_checkpoint(path: str, device="cpu", cfg: Config = None) -> dict:
     except Exception as e:
         raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}")
     config = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
-    if retired := sorted(set(config) - set(current_fields(config))):
-        print(f"note: {path}: options of older code ignored: {', '.join(retired)}", file=sys.stderr)
-        ckpt["config"] = current_fields(config)
+    if len(kept := current_fields(config)) < len(config):
+        print(f"note: {path}: options of older code ignored: {', '.join(sorted(set(config) - set(kept)))}",
+              file=sys.stderr)
+        ckpt["config"] = kept
     keys = ("image_size", "channels", "patch_size", "dim", "depth", "heads", "num_classes")
     differ = [f"{k} {ckpt['config'].get(k)} vs {getattr(cfg, k)}" for k in keys
               if cfg and ckpt["config"].get(k) != getattr(cfg, k)]
