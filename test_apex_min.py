@@ -1986,14 +1986,14 @@ def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys, mo
 def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(tmp_path, monkeypatch):
     """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
     and flow stage; the curve pairs each run of the cifar preset's recipe (not another share) with
-    the `fm` run of the same minutes; MFU is step_flops * img/s / peak."""
+    the `fm` run of the same minutes; MFU is step_flops * img/s / peak, on the peak's GPU only."""
     budget = _experiment("cifar_budget")
     monkeypatch.setattr(budget, "RECORDS", str(tmp_path))
-    def record(objective, minutes, fid, flow_minutes=None, euler=None, own_flow=True):
+    def record(objective, minutes, fid, flow_minutes=None, euler=None, own_flow=True, gpu="G"):
         cfg = dataclasses.asdict(apex_min.Config(**{**apex_min.PRESETS["cifar"], "objective": objective,
                                                      "minutes": minutes}))
         scores = {"1 NFE": {"fid": fid}, "2 NFE": {"fid": fid / 2}, **({"Euler 50": {"fid": euler}} if euler else {})}
-        out = {"config": cfg, "env": {"gpu": "G"}, "fid": {"fid": scores},
+        out = {"config": cfg, "env": {"gpu": gpu}, "fid": {"fid": scores},
                "summary": {"img_per_s_mean": 1000.0, "train_seconds": 60 * minutes, "step": 10}}
         if flow_minutes:   # its own flow stage (the total in its summary), or FLOW_FROM's (none)
             out["flow_stage"] = {"config": {"minutes": flow_minutes}, "summary": {"train_seconds": 60 * flow_minutes}}
@@ -2005,12 +2005,14 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
                       ("curve_5.5min", record("apex", 5.5 * (1 - share), 40.0, flow_minutes=5.5 * share)),
                       ("fm_5.5min", record("fm", 5.5, 300.0, euler=45.0)),
                       ("fm_11min", record("fm", 11, 250.0, euler=30.0)),
-                      ("shared_5.5min", record("apex", 5.5 * (1 - share), 35.0, 5.5 * share, own_flow=False))):
+                      ("shared_5.5min", record("apex", 5.5 * (1 - share), 35.0, 5.5 * share, own_flow=False)),
+                      ("b_fm_other_gpu_5.5min", record("fm", 5.5, 200.0, euler=40.0, gpu="H"))):
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
-    merged = budget.merge(peak=500.0)
+    merged = budget.merge(peak=500.0, peak_gpu="G")
     (curve,) = merged["curve"]
-    assert curve == {"minutes": 5.5, "recipe": curve["recipe"], "run": "curve_5.5min",
-                     "fid10k": {"1": 40.0, "2": 20.0}, "fm_euler50": 45.0, "fm_nfe1": 300.0}
+    assert curve == {"minutes": 5.5, "recipe": curve["recipe"], "run": "curve_5.5min", "gpu": "G",
+                     "fid10k": {"1": 40.0, "2": 20.0}, "fm_euler50": 45.0, "fm_nfe1": 300.0,
+                     "fm_gpu": "G"}
     assert curve["recipe"] == budget.preset_recipe()
     assert curve["recipe"].startswith(f"flow_share={share:g} objective=apex lr_schedule=cosine")
     run = next(r for r in merged["runs"] if r["name"] == "curve_5.5min")
@@ -2019,6 +2021,8 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     assert shared["train_seconds_total"] == 330.0 and shared["recipe"] == curve["recipe"]
     flops = cifar_demo.step_flops(apex_min.Config(**apex_min.PRESETS["cifar"]))
     assert run["mfu"] == round(flops * 1000.0 / 500e12, 4)
+    assert next(r for r in merged["runs"] if r["name"] == "b_fm_other_gpu_5.5min")["mfu"] is None
+    assert budget.merge(peak=500.0)["runs"][1]["mfu"] is not None   # no GPU named: every run
 
 
 def test_cifar_preset_is_the_best_measured_flow_share():
@@ -2027,7 +2031,7 @@ def test_cifar_preset_is_the_best_measured_flow_share():
     from the per-run records; the README quotes that run's FID at 1 and 2 NFE."""
     budget = _experiment("cifar_budget")
     merged = json.load(open(budget.MERGED))
-    assert budget.merge(merged["peak_bf16_tflops"]) == merged
+    assert budget.merge(merged["peak_bf16_tflops"], merged["peak_gpu"]) == merged
     splits = [r for r in merged["runs"] if r["name"].startswith("split") and r["minutes"] == 5.5]
     assert len({r["recipe"].split()[0] for r in splits}) >= 3
     best = min(splits, key=lambda r: r["fid10k"]["1"])

@@ -8,7 +8,9 @@ recipe (what `python apex_min.py --dataset cifar` trains; the first by name wher
 a budget) with the flow-matching run at the same minutes (its Euler-50 and 1-NFE FID). A
 record's budget is the MINUTES of its name. MFU is the step's analytic FLOPs
 (cifar_demo.step_flops) times the mean img/s of the run's last stage, over the bf16 peak measured
-on the same kind of GPU (--peak-tflops, default the peak in results/speed/profile_apex.json).
+on the same kind of GPU (--peak-tflops, default the peak in results/speed/profile_apex.json);
+a run on another kind of GPU gets none. Each curve point names its GPU and that of its flow
+matching (the same where a run of that GPU exists).
 """
 import dataclasses
 import json
@@ -37,8 +39,9 @@ def fids(result: dict, key: str = "fid") -> dict:
     return {nfe: round(result[key]["fid"][f"{nfe} NFE"]["fid"], 2) for nfe in ("1", "2")}
 
 
-def run_row(name: str, record: dict, peak: float) -> dict:
+def run_row(name: str, record: dict, peak: float, peak_gpu=None) -> dict:
     cfg, summary = record["config"], record["summary"]
+    gpu = record["env"]["gpu"]
     minutes = float(name.rsplit("_", 1)[1].removesuffix("min"))       # the budget of the command
     flow = record["flow_stage"]["config"]["minutes"] if "flow_stage" in record else 0.0
     img_s = summary["img_per_s_mean"]
@@ -49,7 +52,7 @@ def run_row(name: str, record: dict, peak: float) -> dict:
             "steps": summary["step"], "fid10k": fids(record),
             "fid50k": fids(record, "fid_fid50k") if "fid_fid50k" in record else None,
             "fm_euler50": round(euler["fid"], 2) if (euler := record["fid"]["fid"].get("Euler 50")) else None,
-            "img_per_s": img_s, "mfu": round(mfu, 4), "gpu": record["env"]["gpu"]}
+            "img_per_s": img_s, "mfu": round(mfu, 4) if peak_gpu in (None, gpu) else None, "gpu": gpu}
 
 
 def preset_recipe() -> str:  # the recipe of `python apex_min.py --dataset cifar`
@@ -57,19 +60,21 @@ def preset_recipe() -> str:  # the recipe of `python apex_min.py --dataset cifar
     return recipe(dataclasses.asdict(cfg), cfg.flow_share)
 
 
-def merge(peak: float) -> dict:
-    runs = [run_row(name.removesuffix(".json"), json.load(open(os.path.join(RECORDS, name))), peak)
-            for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")]
-    fm = {r["minutes"]: r for r in runs if r["recipe"] == "fm"}
+def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak (None: all)
+    runs = [run_row(name.removesuffix(".json"), json.load(open(os.path.join(RECORDS, name))), peak,
+                    peak_gpu) for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")]
     chosen, preset = {}, preset_recipe()
     for r in runs:
         if r["recipe"] == preset:
             chosen.setdefault(r["minutes"], r)
-    curve = [{"minutes": m, "recipe": r["recipe"], "run": r["name"], "fid10k": r["fid10k"],
-              "fm_euler50": fm[m]["fm_euler50"] if m in fm else None,
-              "fm_nfe1": fm[m]["fid10k"]["1"] if m in fm else None}
-             for m, r in sorted(chosen.items())]
-    return {"runs": runs, "curve": curve, "peak_bf16_tflops": peak}
+    curve = []
+    for m, r in sorted(chosen.items()):   # flow matching of the same minutes, on the same GPU if any
+        fm = [f for f in runs if f["recipe"] == "fm" and f["minutes"] == m]
+        f = min(fm, key=lambda f: f["gpu"] != r["gpu"]) if fm else None   # the first by name of a GPU
+        curve.append({"minutes": m, "recipe": r["recipe"], "run": r["name"], "gpu": r["gpu"],
+                      "fid10k": r["fid10k"], "fm_euler50": f and f["fm_euler50"],
+                      "fm_nfe1": f and f["fid10k"]["1"], "fm_gpu": f and f["gpu"]})
+    return {"runs": runs, "curve": curve, "peak_bf16_tflops": peak, "peak_gpu": peak_gpu}
 
 
 def plot(merged: dict, path: str = FIGURE) -> None:
@@ -87,7 +92,7 @@ def plot(merged: dict, path: str = FIGURE) -> None:
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.set(xscale="log", yscale="log", xlabel="training minutes (compilation not counted)",
-           ylabel="FID-10k", title=f"CIFAR-10, one {merged['runs'][0]['gpu'] if merged['runs'] else 'GPU'}")
+           ylabel="FID-10k", title="CIFAR-10, one " + " or ".join(sorted({p["gpu"] for p in curve})))
     ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
     ax.set_yticks([10, 20, 30, 50, 100, 200, 300], ["10", "20", "30", "50", "100", "200", "300"])
     ax.tick_params(which="minor", labelbottom=False, labelleft=False)
@@ -108,21 +113,22 @@ def main(argv=None):
     if not argv or argv[0] not in ("collect", "plot") or (argv[0] == "collect" and len(argv) < 2):
         raise SystemExit("usage: python experiments/cifar_budget.py collect DIR... | plot [--peak-tflops P]")
     if argv[0] == "collect":
-        speed = os.path.join(ROOT, "results", "speed", "profile_apex.json")
-        peak = peak or json.load(open(speed))["peak_bf16_tflops"]
+        speed = json.load(open(os.path.join(ROOT, "results", "speed", "profile_apex.json")))
+        peak, peak_gpu = peak or speed["peak_bf16_tflops"], speed["env"]["gpu"]
         os.makedirs(RECORDS, exist_ok=True)
         for folder in argv[1:]:
             for name in sorted(os.listdir(folder)):
                 if name.endswith("min.json"):
                     shutil.copy(os.path.join(folder, name), os.path.join(RECORDS, name))
         with open(MERGED, "w") as f:
-            json.dump(merge(peak), f, indent=1)
+            json.dump(merge(peak, peak_gpu), f, indent=1)
         print(f"wrote {MERGED}")
     merged = json.load(open(MERGED))
     for r in merged["runs"]:
         print(f"{r['name']:24s} {r['train_seconds_total']:7.1f} s  FID-10k {r['fid10k']['1']:7.2f} / "
-              f"{r['fid10k']['2']:7.2f}  {r['img_per_s']:7.0f} img/s  MFU {100 * r['mfu']:4.1f}%  "
-              f"{r['recipe']}")
+              f"{r['fid10k']['2']:7.2f}  {r['img_per_s']:7.0f} img/s  "
+              + (f"MFU {100 * r['mfu']:4.1f}%  " if r["mfu"] is not None else "MFU   n/a  ")
+              + f"{r['gpu'].removeprefix('NVIDIA '):11s} {r['recipe']}")
     if argv[0] == "plot":
         plot(merged)
 
