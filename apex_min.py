@@ -94,10 +94,11 @@ PRESETS = {
     "tiny": dict(dataset="shapes", image_size=16, patch_size=2, dim=64, depth=2, heads=2,
                  batch_size=64, lr=2e-4, max_steps=300, out_dir="runs/tiny"),
     # 330 s of training on one H100 or H200: flow matching for 60% of it, then APEX from that
-    # model with a cosine rate (the best of flow shares 0.2-0.8 in docs/results.md)
+    # model with a cosine rate, the generator term on for its last 20% with s < 0.25 (the best
+    # of flow shares 0.2-0.8, then of three APEX stages, in docs/results.md)
     "cifar": dict(dataset="cifar", image_size=32, patch_size=2, dim=384, depth=8, heads=6,
                   batch_size=512, lr=3e-4, warmup_steps=200, max_steps=0, minutes=5.5,
-                  flow_share=0.6, lr_schedule="cosine",
+                  flow_share=0.6, lr_schedule="cosine", polish_from=0.8, gen_s_min=0.02, gen_s_max=0.25,
                   compile=True, log_every=50, ckpt_every=1000, out_dir="runs/cifar"),
 }
 OBJECTIVES = ("apex", "consistency", "fm", "paper")
@@ -819,7 +820,8 @@ def train(cfg: Config) -> dict:
     if run.planned:   # a resumed run whose length plan_steps fixed: steps, not the clock, end it
         cfg = dataclasses.replace(cfg, max_steps=run.planned)
     by_clock = cfg.minutes > 0 and not run.planned
-    plan = by_clock and not cfg.max_steps and (cfg.lr_schedule == "cosine" or cfg.polish_from > 0)
+    schedules = cfg.lr_schedule == "cosine" or (cfg.polish_from > 0 and cfg.objective != "fm")
+    plan = by_clock and not cfg.max_steps and schedules   # fm has no term for a polish to time
     if main:
         write_json(f"{cfg.out_dir}/config.json", dataclasses.asdict(cfg))
         write_json(f"{cfg.out_dir}/env.json", {**environment(), "world_size": run.world})

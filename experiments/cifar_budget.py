@@ -92,7 +92,8 @@ def plot(merged: dict, path: str = FIGURE) -> None:
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.set(xscale="log", yscale="log", xlabel="training minutes (compilation not counted)",
-           ylabel="FID-10k", title="CIFAR-10, one " + " or ".join(sorted({p["gpu"] for p in curve})))
+           ylabel="FID-10k", title="CIFAR-10, one " + " or ".join(sorted(
+               {g.removeprefix("NVIDIA ").split()[0] for p in curve for g in (p["gpu"], p["fm_gpu"]) if g})))
     ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
     ax.set_yticks([10, 20, 30, 50, 100, 200, 300], ["10", "20", "30", "50", "100", "200", "300"])
     ax.tick_params(which="minor", labelbottom=False, labelleft=False)

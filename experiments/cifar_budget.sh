@@ -6,9 +6,10 @@
 # A run that exists is resumed; --minutes counts all of its training, so calling again with more
 # minutes extends a flow-matching run of constant rate (`--objective fm --lr-schedule constant`),
 # which is how one run gives every point of the flow-matching curve. The preset's recipe (flow
-# stage, then APEX with the cosine rate) plans its steps for its own budget: each point of its
-# curve is a run of its own, e.g. `run curve 11`. The 330 s splits were
-# `run splitF 5.5 --flow-share F --lr-schedule cosine` for F = 0.2, 0.4, 0.6, 0.8.
+# stage, then APEX with the cosine rate and the term's polish) plans its steps for its own budget:
+# each point of its curve is a run of its own, e.g. `run curveP 11`. The 330 s splits, with the
+# released term, were `run splitF 5.5 --flow-share F --lr-schedule cosine` for F = 0.2-0.8 (today:
+# add `--polish-from 0 --gen-s-min 0 --gen-s-max 1`).
 # FLOW_FROM=runs/X/flow trains only the APEX stage, from that finished flow stage, for the rest of
 # the budget (MINUTES minus its minutes): arms that differ in the APEX stage share one teacher,
 # e.g. `FLOW_FROM=runs/stage330_preset/flow ... run stage330_gen0 5.5 --gen-weight 0`; the record

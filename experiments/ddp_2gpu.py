@@ -78,7 +78,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     size = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "16"] if args.tiny else []
     common = ["--preset", "cifar", "--dataset", "shapes", "--image-size", "32", "--no-compile",
-              "--minutes", "0", "--flow-share", "0", "--lr-schedule", "constant",   # one APEX stage
+              "--minutes", "0", "--flow-share", "0", "--lr-schedule", "constant",   # one APEX stage,
+              "--polish-from", "0",                                                  # the term on
               "--log-every", "10", "--ckpt-every", "100000", "--device", "cpu" if args.cpu else "cuda", *size]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = am.Config(**{**am.PRESETS["cifar"], **size, "preset": "cifar", "dataset": "shapes",
                            "objective": args.objective, "device": args.device, "out_dir": tmp,
-                           "max_steps": 10 ** 6, "minutes": 0.0})
+                           "max_steps": 10 ** 6, "minutes": 0.0, "polish_from": 0.0})   # the term on
         cfg.compile = cfg.compile and not args.tiny
         am.validate(cfg)
         run = am.setup(cfg)

@@ -33,9 +33,9 @@ if [ "${TINY:-0}" = 1 ]; then   # toy sizes: the same code paths, on a CPU, in s
 fi
 
 train() {  # train NAME ARGS...: a run folder runs/NAME; its log goes to $OUT/NAME.log
-  local name=$1; shift   # one stage at a constant rate, as the cifar preset was when these ran
+  local name=$1; shift   # one stage, constant rate, released term: the cifar preset when these ran
   python apex_min.py --dataset cifar --out-dir runs/$name --flow-share 0 --lr-schedule constant \
-    $TRAIN "$@" > runs/$name.log 2>&1 \
+    --polish-from 0 --gen-s-min 0 --gen-s-max 1 $TRAIN "$@" > runs/$name.log 2>&1 \
     || { tr '\r' '\n' < runs/$name.log | tail -n 20; exit 1; }
   tr '\r' '\n' < runs/$name.log | grep -v '^\s*$' | tail -n 40 > "$OUT/$name.log"
   tail -n 2 "$OUT/$name.log"
