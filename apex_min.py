@@ -948,9 +948,11 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_config(argv=None) -> Config:  # defaults < preset < flags
     p = OneLineParser(prog="apex_min.py", description="APEX one-step generation (arXiv "
                       "2604.12322), minimal reference. `--dataset cifar` uses the cifar preset.")
-    helps, defaults = field_help(), Config()
+    helps, defaults, cifar = field_help(), Config(), PRESETS["cifar"]
     for field in dataclasses.fields(Config):
-        text = f"{helps.get(field.name, '')} (default {getattr(defaults, field.name)!r})"
+        default = getattr(defaults, field.name)
+        preset = f"; cifar preset {cifar[field.name]!r}" if cifar.get(field.name, default) != default else ""
+        text = f"{helps.get(field.name, '')} (default {default!r}{preset})"
         kind = {"bool": dict(action=argparse.BooleanOptionalAction), "int": dict(type=int),
                 "float": dict(type=float), "str": dict(type=str)}[field.type]
         p.add_argument("--" + field.name.replace("_", "-"), help=text, **kind)

@@ -1120,6 +1120,13 @@ def test_cli_precedence_defaults_preset_flags():
     assert cfg.shift_a == apex_min.Config().shift_a
 
 
+def test_cli_help_gives_the_cifar_presets_value_beside_the_default(capsys):
+    with pytest.raises(SystemExit):
+        apex_min.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default 0.0; cifar preset 0.8)" in text and "(default 0.5) --gen-norm" in text
+
+
 def test_cli_end_to_end_errors_have_no_traceback(tmp_path):
     script = str(HERE / "apex_min.py")
     bad_flag = subprocess.run([sys.executable, script, "--objective", "nope"], capture_output=True,
