@@ -69,8 +69,8 @@ def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak 
             chosen.setdefault(r["minutes"], r)
     curve = []
     for m, r in sorted(chosen.items()):   # flow matching of the same minutes, on the same GPU if any
-        fm = [f for f in runs if f["recipe"] == "fm" and f["minutes"] == m]
-        f = min(fm, key=lambda f: f["gpu"] != r["gpu"]) if fm else None   # the first by name of a GPU
+        fm = [x for x in runs if x["recipe"] == "fm" and x["minutes"] == m]   # sorted by name
+        f = min(fm, key=lambda x: x["gpu"] != r["gpu"]) if fm else None     # same GPU first
         curve.append({"minutes": m, "recipe": r["recipe"], "run": r["name"], "gpu": r["gpu"],
                       "fid10k": r["fid10k"], "fm_euler50": f and f["fm_euler50"],
                       "fm_nfe1": f and f["fid10k"]["1"], "fm_gpu": f and f["gpu"]})
