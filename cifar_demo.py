@@ -42,9 +42,7 @@ def fail(message):
     raise SystemExit(2)
 
 
-# ----------------------------------------------------------------------------------------------
-#  1. Inception network
-# ----------------------------------------------------------------------------------------------
+# 1. Inception network
 
 def load_inception(path=None, device="cpu"):
     """The FID Inception-v3: (N, 3, 299, 299) float32 in [-1, 1] -> (N, 2048) pool3 features.
@@ -97,9 +95,7 @@ def inception_features(model, images, batch_size=250, device="cpu"):
     return feats
 
 
-# ----------------------------------------------------------------------------------------------
-#  2. Statistics and the Frechet distance
-# ----------------------------------------------------------------------------------------------
+# 2. Statistics and the Frechet distance
 
 def feature_stats(feats):
     """Mean (D,) and covariance (D, D) of features (N, D), float64."""
@@ -124,9 +120,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * singular_values.sum())
 
 
-# ----------------------------------------------------------------------------------------------
-#  3. Reference statistics of the CIFAR-10 training set
-# ----------------------------------------------------------------------------------------------
+# 3. Reference statistics of the CIFAR-10 training set
 
 def load_stats(path):
     """(mu, sigma) float64 from an .npz with keys mu and sigma."""
@@ -149,9 +143,7 @@ def reference_stats(data_dir, inception, device="cpu", cache_path=None, limit=No
     return mu, sigma
 
 
-# ----------------------------------------------------------------------------------------------
-#  4. Sampling a checkpoint: samples, FID, grids
-# ----------------------------------------------------------------------------------------------
+# 4. Sampling a checkpoint: samples, FID, grids
 
 @torch.no_grad()
 def generate(net, n_per_class, nfe=None, euler_steps=None, batch_size=1000, seed=0, device="cpu"):
@@ -207,9 +199,7 @@ def save_class_grid(samples, n_per_class, out_dir):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-#  5. Training speed: FLOPs of a step, counted analytically, and model FLOP utilisation
-# ----------------------------------------------------------------------------------------------
+# 5. Training speed: FLOPs of a step, counted analytically, and model FLOP utilisation
 
 def forward_flops(cfg):
     """FLOPs of one DiT forward pass for one image (a multiply-add = 2 FLOPs). Per block and token:
@@ -277,9 +267,7 @@ def speed_report(run_dirs, device, peak_tflops=None):
     return {"peak_bf16_tflops": round(peak / 1e12, 1) if peak else None, "runs": rows}
 
 
-# ----------------------------------------------------------------------------------------------
-#  6. Command line
-# ----------------------------------------------------------------------------------------------
+# 6. Command line
 
 def positive_int(text):
     if not text.isdigit() or int(text) < 1:
