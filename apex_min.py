@@ -82,6 +82,7 @@ class Config:  # one field per flag; the comments are the --help texts (field_he
     minutes: float = 0.0          # training minutes in all, a resumed run's included (compiling not)
     flow_share: float = 0.0       # > 0: flow matching first for this share of the budget (out_dir/flow)
     compile: bool = False         # torch.compile the network (CUDA)
+    bf16_stream: bool = False     # the residual stream in bf16 under autocast (faster; FID cost open)
     init_from: str = ""           # start from this checkpoint's EMA weights (an --objective fm run)
     tune: str = "full"            # full | lora: train every weight, or low-rank adapters only
     lora_rank: int = 16           # rank of the adapters with --tune lora
@@ -238,8 +239,11 @@ class DiT(nn.Module):
         return rearrange(h, "b (gh gw) (p1 p2 c) -> b c (gh p1) (gw p2)", gh=self.grid, p1=p, p2=p)
 
 def build_model(cfg: Config) -> DiT:
-    return DiT(cfg.image_size, cfg.channels, cfg.patch_size, cfg.dim, cfg.depth, cfg.heads,
-               cfg.num_classes)
+    net = DiT(cfg.image_size, cfg.channels, cfg.patch_size, cfg.dim, cfg.depth, cfg.heads,
+              cfg.num_classes)
+    if cfg.bf16_stream:   # a bf16 position embedding: the bf16 patch embedding stays bf16
+        net.pos = net.pos.bfloat16()
+    return net
 
 # 3. Condition shift, interpolant and per-sample losses
 

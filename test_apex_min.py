@@ -255,6 +255,21 @@ def test_mlp_fused_path_is_the_plain_mlp():
         assert mlp.fused(x).shape == x.shape
 
 
+def test_bf16_stream_keeps_the_residual_stream_bf16_under_autocast():
+    """--bf16-stream: under bf16 autocast the blocks receive a bf16 stream (a bf16 position
+    embedding added to the bf16 patch embedding), without it fp32; without autocast both fp32."""
+    x, y = shapes_batch(2)
+    t = torch.tensor([0.3, 0.9])
+    for flag, under_autocast in ((False, torch.float32), (True, torch.bfloat16)):
+        torch.manual_seed(0)
+        net = apex_min.build_model(apex_min.Config(**TINY_DIT, bf16_stream=flag))
+        seen = []
+        net.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x, t, t, net.embed_class(y))
+        net(x, t, t, net.embed_class(y))
+        assert seen == [under_autocast, torch.float32]
+
 # ==================================================================================================
 # 3. Condition shift
 # ==================================================================================================

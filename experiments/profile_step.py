@@ -110,14 +110,12 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = am.Config(**{**am.PRESETS["cifar"], **size, "preset": "cifar", "dataset": "shapes",
                            "objective": args.objective, "device": args.device, "out_dir": tmp,
-                           "max_steps": 10 ** 6, "minutes": 0.0, "polish_from": 0.0})   # the term on
+                           "max_steps": 10 ** 6, "minutes": 0.0, "polish_from": 0.0,    # the term on
+                           "bf16_stream": args.bf16_stream})
         cfg.compile = cfg.compile and not args.tiny
         am.validate(cfg)
         run = am.setup(cfg)
     cuda = run.device.type == "cuda"
-    if args.bf16_stream:   # patch embedding (bf16 under autocast) + a bf16 position embedding
-        for net in (run.net, run.ema.model):
-            net.pos = net.pos.to(torch.bfloat16)
     net_fn, targets_fn, autocast = am.step_functions(run, cfg, args.compile_mode)   # as train()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
