@@ -270,6 +270,7 @@ def test_bf16_stream_keeps_the_residual_stream_bf16_under_autocast():
         net(x, t, t, net.embed_class(y))
         assert seen == [under_autocast, torch.float32]
 
+
 # ==================================================================================================
 # 3. Condition shift
 # ==================================================================================================
