@@ -1840,7 +1840,7 @@ def test_shapes_study_script_at_test_size(tmp_path):
     study = _experiment("shapes_study")
     record = json.loads((tmp_path / "results" / "shapes_study.json").read_text())
     rows = record["rows"]["20"]
-    assert list(rows) == ["flow", *study.ARMS, "data"]
+    assert list(rows) == ["flow", *study.FIVE, "data"]
     assert set(rows["flow"]["0"]) == {"euler", "1"} and set(rows["apex"]["0"]) == {"1", "2"}
     assert set(rows["apex"]["0"]["1"]) == set(study.METRICS)
     assert (tmp_path / "assets" / "shapes_study.png").stat().st_size > 1000

@@ -22,6 +22,9 @@ matching for 60% of the steps, as the cifar preset, at rate 3e-3) and from its E
   apex         the default objective
   polish/gen0  --polish-from 0.8 --gen-weight 0 (the control of apex_best)
   apex_best    --polish-from 0.8 --gen-s-min 0.02 --gen-s-max 0.25
+and, on request (--arms), two that each keep one part of apex_best's form:
+  polish       --polish-from 0.8: the late term with the released s ~ U(0, 1)
+  small_s      --gen-s-min 0.02 --gen-s-max 0.25: the small-s term on throughout, one-step rows kept
 Every model is sampled from the same noise (EMA weights; 1 and 2 NFE, the flow stage with 50 Euler
 steps and with 1) and scored per class against the seed's data, then averaged over the classes:
   sw1        sliced W1 in pixel space (256 fixed directions, images in [-1, 1]): the headline
@@ -52,9 +55,12 @@ import toy_2d  # noqa: E402
 
 ARMS = {"consistency": ["--objective", "consistency"], "gen0": ["--gen-weight", "0"], "apex": [],
         "polish/gen0": ["--polish-from", "0.8", "--gen-weight", "0"],
-        "apex_best": ["--polish-from", "0.8", "--gen-s-min", "0.02", "--gen-s-max", "0.25"]}
+        "apex_best": ["--polish-from", "0.8", "--gen-s-min", "0.02", "--gen-s-max", "0.25"],
+        "polish": ["--polish-from", "0.8"], "small_s": ["--gen-s-min", "0.02", "--gen-s-max", "0.25"]}
+FIVE = list(ARMS)[:5]   # the default arms
 PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("gen0", "consistency"),
-         ("apex", "consistency"), ("apex_best", "consistency"))   # d = first - second, per seed
+         ("apex", "consistency"), ("apex_best", "consistency"), ("polish", "polish/gen0"),
+         ("small_s", "gen0"))   # d = first - second, per seed
 METRICS = ("sw1", "atom_rmse", "place_tv", "colour")
 FLOW_SHARE, SIDE, SIZE, CLASSES = 0.6, 16 // 3, 16, 10
 LR = {"flow": "3e-3", "apex": "1e-3"}   # the tiny preset's 2e-4 left the flow stage drawing speckles
@@ -313,8 +319,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-per-class", type=int, default=500, help="samples per class for the metrics")
     p.add_argument("--euler-steps", type=int, default=50, help="Euler steps of the flow stage's sampler")
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
-                   help="the APEX stages to train, in this order (default: all five)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=FIVE,
+                   help="the APEX stages to train, in this order (default: the first five)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--out", default="", help="root of runs/ and results/ (default: the repository)")
     p.add_argument("--fast", action="store_true", help="test size: 20 steps, one seed, 20 per class")
@@ -333,7 +339,7 @@ def main(argv=None) -> dict:
     if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
         stem += "_steps" + "-".join(map(str, args.steps)) + "_seeds" + "-".join(map(str, args.seeds))
     args.arms = list(dict.fromkeys(args.arms))
-    if args.arms != list(ARMS):   # e.g. shapes_study_steps24000_seeds0-1_arms-gen0-apex-consistency
+    if args.arms != FIVE:   # e.g. shapes_study_steps24000_seeds0-1_arms-gen0-apex-consistency
         stem += "_arms-" + "-".join(arm.replace("/", "_") for arm in args.arms)
     path = os.path.join(args.out, "results", stem + ".json")
     if args.figure and not args.pool:
