@@ -1858,6 +1858,17 @@ def test_shapes_study_script_at_test_size(tmp_path):
     assert "| apex - gen0 | 1 |" in some.stdout and "consistency" not in some.stdout
     bad = subprocess.run(cmd[:2] + ["--steps", "5"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    probe = [sys.executable, "experiments/shapes_probe.py", "--steps", "20", "--seeds", "0", "--out", str(tmp_path)]
+    done = subprocess.run(probe + ["--n-per-class", "3"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)                    # the probe reads these runs
+    assert done.returncode == 0, done.stderr[-2000:]
+    probed = json.loads((tmp_path / "results" / "shapes_probe_steps20.json").read_text())["rows"]["0"]
+    assert list(probed) == [*_experiment("shapes_probe").FAKE_ARMS[:4], "data"]   # polish, small_s: untrained
+    report = subprocess.run(probe + ["--report"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert report.returncode == 0 and "| 0 | apex_best |" in report.stdout
+    bad = subprocess.run(probe[:4] + ["40", "--out", str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV,
+                         capture_output=True, text=True)              # no runs of that length
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
@@ -2218,3 +2229,26 @@ if __name__ == "__main__":
         seconds = execute_notebook(name, write=write)
         size = os.path.getsize(os.path.join(NOTEBOOK_DIR, name))
         print(f"{name}: {seconds:.1f} s{' (outputs written)' if write else ''}, {size / 1024:.0f} KB")
+
+
+def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
+    """experiments/shapes_probe.py: contrast and spread are 0 for one blank image repeated and near
+    the data's for data; the real branch's class dependence is > 0 for a network that reads the
+    class and exactly 0 once its class embeddings are equal."""
+    probe, study = _experiment("shapes_probe"), _experiment("shapes_study")
+    data_x, data_y = study.data_distribution(0)
+    pick = torch.cat([torch.nonzero(data_y == k)[:20, 0] for k in range(10)])
+    x, y = data_x[pick], data_y[pick]
+    assert probe.image_stats(x, y)["contrast"] > 0.2 and probe.image_stats(x, y)["spread"] > 0.1
+    blank = probe.image_stats(torch.full_like(x, -0.8), y)
+    assert blank == {"contrast": 0.0, "spread": 0.0}
+    cfg = apex_min.Config()
+    torch.manual_seed(0)
+    net = apex_min.build_model(cfg)
+    for p in net.parameters():
+        p.data.normal_(0, 0.1)
+    stats = probe.branch_stats(net, cfg, x, y)
+    assert set(stats) == {str(s) for s in probe.S}
+    assert all(v["class"] > 1e-4 and v["gap"] > 1e-4 for v in stats.values())
+    net.class_embed.weight.data[:] = net.class_embed.weight.data[0]
+    assert all(v["class"] == 0.0 and v["gap"] > 1e-4 for v in probe.branch_stats(net, cfg, x, y).values())

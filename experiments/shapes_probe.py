@@ -1,0 +1,126 @@
+"""What the generator term sees at the shapes study's one-step samples: the gap and the class.
+
+    python experiments/shapes_probe.py --steps 24000 --seeds 0 1 2 3   # the study's checkpoints
+    python experiments/shapes_probe.py --steps 24000 --report          # the committed record's table
+
+For each trained arm of experiments/shapes_study.py (its checkpoints under runs/shapes_study), the
+EMA network draws one-step samples from the study's evaluation noise, and this measures:
+  contrast   the mean pixel std within a sample (a square on the ground; 0 = a blank image)
+  spread     the pixel std across a class's samples, mean over pixels and classes (0 = one image)
+and, with the samples noised to s (x_s = (1 - s) x + s z, fixed z), as the generator term does:
+  gap        mean (v_fake - v_real)^2: the size of the correction before its clamp
+  class      mean (v_real(c_y) - v_real(c_other))^2: how much the real branch depends on the class
+             at these samples (c_other: class y + 3, mod 10); class_data: the same at the data
+The `data` row: the contrast and spread of draws of the seed's data. Arms still training are left out.
+Record: results/shapes_probe_steps{N}.json.
+"""
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+import torch  # noqa: E402
+
+import apex_min as am  # noqa: E402
+import shapes_study as study  # noqa: E402
+
+S = (0.02, 0.1, 0.25, 0.5, 0.75)
+FAKE_ARMS = [arm for arm in study.ARMS if arm != "consistency"]   # consistency never trains c_fake
+
+
+def image_stats(x, y) -> dict:
+    spread = [x[y == k].std(0).mean().item() for k in range(study.CLASSES)]
+    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),
+            "spread": round(sum(spread) / len(spread), 4)}
+
+
+@torch.no_grad()
+def branch_stats(net, cfg, x, y) -> dict:
+    """gap and class by s at samples x of classes y (one fixed noise draw per s)."""
+    g, out = torch.Generator().manual_seed(99), {}
+    c, c_other = net.embed_class(y), net.embed_class((y + 3) % study.CLASSES)
+    c_fake = am.condition_shift(c, torch.ones(len(y), dtype=torch.bool), cfg.shift_a, cfg.shift_b)
+    for s in S:
+        sv = torch.full((len(y),), s)
+        x_s = am.interpolate(x, torch.randn(x.shape, generator=g), sv)
+        v_real, v_fake, v_other = (net(x_s, sv, sv, cond).float() for cond in (c, c_fake, c_other))
+        out[str(s)] = {"gap": round((v_fake - v_real).pow(2).mean().item(), 4),
+                       "class": round((v_real - v_other).pow(2).mean().item(), 4)}
+    return out
+
+
+def probe(where: str, arm: str, seed: int, n_per_class: int) -> dict:
+    torch.set_num_threads(1)
+    net, cfg = am.model_from_checkpoint(f"{study.run_dir(where, arm)}/ckpt.pt")
+    z, y, g = study.evaluation_noise(n_per_class)
+    x = am.sample_fewstep(net, z, y, nfe=1, generator=g).clamp(-1, 1)
+    data_x, data_y = study.data_distribution(seed)
+    pick = torch.cat([torch.nonzero(data_y == k)[:n_per_class, 0] for k in range(study.CLASSES)])
+    by_s, on_data = branch_stats(net, cfg, x, y), branch_stats(net, cfg, data_x[pick], data_y[pick])
+    for s in S:
+        by_s[str(s)]["class_data"] = on_data[str(s)]["class"]
+    return {**image_stats(x, y), "by_s": by_s}
+
+
+def finished(run: str) -> bool:  # the run reached its --max-steps (shapes_study.train's test)
+    summary = os.path.join(run, "summary.json")
+    return os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps"
+
+
+def table(record: dict) -> str:
+    lines = [f"{record['steps']} steps, one-step samples ({record['n_per_class']} per class)",
+             "| seed | arm | contrast | spread | " + " | ".join(f"gap / class / class_data, s = {s}" for s in S)
+             + " |", "|---" * (4 + len(S)) + "|"]
+    for seed, arms in record["rows"].items():
+        for arm, r in arms.items():
+            cells = [" / ".join(str(r["by_s"][str(s)].get(k, "")) for k in ("gap", "class", "class_data"))
+                     for s in S] if "by_s" in r else [""] * len(S)
+            lines.append(f"| {seed} | {arm} | {r['contrast']} | {r['spread']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = am.OneLineParser(prog="shapes_probe.py", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, required=True, help="the study's length, steps in all")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--arms", nargs="+", choices=list(study.ARMS), default=FAKE_ARMS,
+                   help="the arms to probe (default: those with a fake branch; untrained ones left out)")
+    p.add_argument("--n-per-class", type=int, default=100)
+    p.add_argument("--out", default=ROOT, help="root of runs/ and results/ (default: the repository)")
+    p.add_argument("--report", action="store_true", help="print the committed record's table, no probe")
+    args = p.parse_args(argv)
+    path = os.path.join(args.out, "results", f"shapes_probe_steps{args.steps}.json")
+    if args.report:
+        if not os.path.exists(path):
+            p.error(f"no record at {path}; run the probe first")
+        print(table(json.load(open(path))))
+        return {}
+    if args.n_per_class < 2:
+        p.error("--n-per-class must be >= 2")
+    rows = {}
+    for seed in args.seeds:
+        where = os.path.join(args.out, "runs", "shapes_study", f"steps{args.steps}", f"seed{seed}")
+        done = [arm for arm in args.arms if finished(study.run_dir(where, arm))]
+        if "gen0" not in done:
+            continue
+        rows[str(seed)] = {arm: probe(where, arm, seed, args.n_per_class) for arm in done}
+        data_x, data_y = study.data_distribution(seed)
+        pick = torch.cat([torch.nonzero(data_y == k)[:args.n_per_class, 0] for k in range(study.CLASSES)])
+        rows[str(seed)]["data"] = image_stats(data_x[pick], data_y[pick])
+    if not rows:
+        p.error(f"no trained gen0 arm under {args.out}/runs/shapes_study/steps{args.steps}; "
+                "run experiments/shapes_study.py first")
+    record = {"steps": args.steps, "n_per_class": args.n_per_class, "s": list(S), "rows": rows,
+              "env": am.environment()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(table(record) + f"\n\nwrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
