@@ -1865,7 +1865,7 @@ def test_shapes_study_script_at_test_size(tmp_path):
     probed = json.loads((tmp_path / "results" / "shapes_probe_steps20.json").read_text())["rows"]["0"]
     assert list(probed) == [*_experiment("shapes_probe").FAKE_ARMS[:4], "data"]   # polish, small_s: untrained
     report = subprocess.run(probe + ["--report"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
-    assert report.returncode == 0 and "| 0 | apex_best |" in report.stdout
+    assert report.returncode == 0 and report.stdout.count("| 0 | apex_best |") == 2 and "real_err" in report.stdout
     bad = subprocess.run(probe[:4] + ["40", "--out", str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV,
                          capture_output=True, text=True)              # no runs of that length
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
@@ -2252,3 +2252,8 @@ def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
     assert all(v["class"] > 1e-4 and v["gap"] > 1e-4 for v in stats.values())
     net.class_embed.weight.data[:] = net.class_embed.weight.data[0]
     assert all(v["class"] == 0.0 and v["gap"] > 1e-4 for v in probe.branch_stats(net, cfg, x, y).values())
+    z, s = torch.randn_like(x[:5]), 0.01   # a data image at small s: the exact velocity is z - x
+    v_star = probe.exact_velocity((1 - s) * x[:5] + s * z, s, y[:5], data_x, data_y)
+    assert torch.allclose(v_star, z - x[:5], atol=1e-4)
+    with_data = probe.branch_stats(net, cfg, x, y, (data_x, data_y))["0.1"]
+    assert with_data["exact"] > 1 and with_data["class_exact"] > 1 and with_data["real_err"] > 0

@@ -11,6 +11,9 @@ and, with the samples noised to s (x_s = (1 - s) x + s z, fixed z), as the gener
   gap        mean (v_fake - v_real)^2: the size of the correction before its clamp
   class      mean (v_real(c_y) - v_real(c_other))^2: how much the real branch depends on the class
              at these samples (c_other: class y + 3, mod 10); class_data: the same at the data
+  real_err   mean (v_real - v*)^2, v* the exact velocity of the seed's data (a finite set, flips
+             included: v* = (x_s - E[x | x_s, y]) / s); exact: mean v*^2, for scale; class_exact:
+             the exact velocity's class dependence, as `class`
 The `data` row: the contrast and spread of draws of the seed's data. Arms still training are left out.
 Record: results/shapes_probe_steps{N}.json.
 """
@@ -37,18 +40,36 @@ def image_stats(x, y) -> dict:
             "spread": round(sum(spread) / len(spread), 4)}
 
 
+def exact_velocity(x_s, s: float, y, data_x, data_y):
+    """v* = (x_s - E[x | x_s, y]) / s for the data (data_x, data_y) as the distribution: the
+    posterior over its images of class y, x_s ~ N((1 - s) x, s^2 I)."""
+    out = torch.empty_like(x_s)
+    for k in y.unique():
+        rows, images = y == k, data_x[data_y == k].flatten(1).double()
+        logits = -torch.cdist(x_s[rows].flatten(1).double(), (1 - s) * images).pow(2) / (2 * s * s)
+        x0 = (torch.softmax(logits, 1) @ images).float().view(-1, *x_s.shape[1:])
+        out[rows] = (x_s[rows] - x0) / s
+    return out
+
+
 @torch.no_grad()
-def branch_stats(net, cfg, x, y) -> dict:
-    """gap and class by s at samples x of classes y (one fixed noise draw per s)."""
+def branch_stats(net, cfg, x, y, data=None) -> dict:
+    """gap and class by s at samples x of classes y (one fixed noise draw per s); with data
+    (data_x, data_y) also real_err, exact and class_exact."""
     g, out = torch.Generator().manual_seed(99), {}
-    c, c_other = net.embed_class(y), net.embed_class((y + 3) % study.CLASSES)
+    y_other = (y + 3) % study.CLASSES
+    c, c_other = net.embed_class(y), net.embed_class(y_other)
     c_fake = am.condition_shift(c, torch.ones(len(y), dtype=torch.bool), cfg.shift_a, cfg.shift_b)
     for s in S:
         sv = torch.full((len(y),), s)
         x_s = am.interpolate(x, torch.randn(x.shape, generator=g), sv)
         v_real, v_fake, v_other = (net(x_s, sv, sv, cond).float() for cond in (c, c_fake, c_other))
-        out[str(s)] = {"gap": round((v_fake - v_real).pow(2).mean().item(), 4),
-                       "class": round((v_real - v_other).pow(2).mean().item(), 4)}
+        r = out[str(s)] = {"gap": (v_fake - v_real).pow(2).mean(), "class": (v_real - v_other).pow(2).mean()}
+        if data is not None:
+            v_star = exact_velocity(x_s, s, y, *data)
+            r.update(real_err=(v_real - v_star).pow(2).mean(), exact=v_star.pow(2).mean(),
+                     class_exact=(v_star - exact_velocity(x_s, s, y_other, *data)).pow(2).mean())
+        out[str(s)] = {k: round(v.item(), 4) for k, v in r.items()}
     return out
 
 
@@ -59,7 +80,8 @@ def probe(where: str, arm: str, seed: int, n_per_class: int) -> dict:
     x = am.sample_fewstep(net, z, y, nfe=1, generator=g).clamp(-1, 1)
     data_x, data_y = study.data_distribution(seed)
     pick = torch.cat([torch.nonzero(data_y == k)[:n_per_class, 0] for k in range(study.CLASSES)])
-    by_s, on_data = branch_stats(net, cfg, x, y), branch_stats(net, cfg, data_x[pick], data_y[pick])
+    by_s = branch_stats(net, cfg, x, y, (data_x, data_y))
+    on_data = branch_stats(net, cfg, data_x[pick], data_y[pick])
     for s in S:
         by_s[str(s)]["class_data"] = on_data[str(s)]["class"]
     return {**image_stats(x, y), "by_s": by_s}
@@ -71,14 +93,15 @@ def finished(run: str) -> bool:  # the run reached its --max-steps (shapes_study
 
 
 def table(record: dict) -> str:
-    lines = [f"{record['steps']} steps, one-step samples ({record['n_per_class']} per class)",
-             "| seed | arm | contrast | spread | " + " | ".join(f"gap / class / class_data, s = {s}" for s in S)
-             + " |", "|---" * (4 + len(S)) + "|"]
-    for seed, arms in record["rows"].items():
-        for arm, r in arms.items():
-            cells = [" / ".join(str(r["by_s"][str(s)].get(k, "")) for k in ("gap", "class", "class_data"))
-                     for s in S] if "by_s" in r else [""] * len(S)
-            lines.append(f"| {seed} | {arm} | {r['contrast']} | {r['spread']} | " + " | ".join(cells) + " |")
+    lines = [f"{record['steps']} steps, one-step samples ({record['n_per_class']} per class)"]
+    for keys in (("gap", "class", "class_data"), ("real_err", "exact", "class_exact")):
+        lines += ["", "| seed | arm | contrast | spread | " + " | ".join(f"{' / '.join(keys)}, s = {s}" for s in S)
+                  + " |", "|---" * (4 + len(S)) + "|"]
+        for seed, arms in record["rows"].items():
+            for arm, r in arms.items():
+                cells = [" / ".join(str(r["by_s"][str(s)][k]) for k in keys) if "by_s" in r else ""
+                         for s in S]
+                lines.append(f"| {seed} | {arm} | {r['contrast']} | {r['spread']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
