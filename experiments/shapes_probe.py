@@ -95,13 +95,13 @@ def finished(run: str) -> bool:  # the run reached its --max-steps (shapes_study
 def table(record: dict) -> str:
     lines = [f"{record['steps']} steps, one-step samples ({record['n_per_class']} per class)"]
     for keys in (("gap", "class", "class_data"), ("real_err", "exact", "class_exact")):
-        lines += ["", "| seed | arm | contrast | spread | " + " | ".join(f"{' / '.join(keys)}, s = {s}" for s in S)
-                  + " |", "|---" * (4 + len(S)) + "|"]
+        heads = " | ".join(f"{' / '.join(keys)}, s = {s}" for s in S)
+        lines += ["", f"| seed | arm | contrast | spread | {heads} |", "|---" * (4 + len(S)) + "|"]
         for seed, arms in record["rows"].items():
             for arm, r in arms.items():
                 cells = [" / ".join(str(r["by_s"][str(s)][k]) for k in keys) if "by_s" in r else ""
                          for s in S]
-                lines.append(f"| {seed} | {arm} | {r['contrast']} | {r['spread']} | " + " | ".join(cells) + " |")
+                lines.append(f"| {seed} | {arm} | {r['contrast']} | {r['spread']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
