@@ -1910,6 +1910,34 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
+    """experiments/shapes_probe.py: contrast and spread are 0 for one blank image repeated and near
+    the data's for data; the real branch's class dependence is > 0 for a network that reads the
+    class and exactly 0 once its class embeddings are equal."""
+    probe, study = _experiment("shapes_probe"), _experiment("shapes_study")
+    data_x, data_y = study.data_distribution(0)
+    pick = torch.cat([torch.nonzero(data_y == k)[:20, 0] for k in range(10)])
+    x, y = data_x[pick], data_y[pick]
+    assert probe.image_stats(x, y)["contrast"] > 0.2 and probe.image_stats(x, y)["spread"] > 0.1
+    blank = probe.image_stats(torch.full_like(x, -0.8), y)
+    assert blank == {"contrast": 0.0, "spread": 0.0}
+    cfg = apex_min.Config()
+    torch.manual_seed(0)
+    net = apex_min.build_model(cfg)
+    for p in net.parameters():
+        p.data.normal_(0, 0.1)
+    stats = probe.branch_stats(net, cfg, x, y)
+    assert set(stats) == {str(s) for s in probe.S}
+    assert all(v["class"] > 1e-4 and v["gap"] > 1e-4 for v in stats.values())
+    net.class_embed.weight.data[:] = net.class_embed.weight.data[0]
+    assert all(v["class"] == 0.0 and v["gap"] > 1e-4 for v in probe.branch_stats(net, cfg, x, y).values())
+    z, s = torch.randn_like(x[:5]), 0.01   # a data image at small s: the exact velocity is z - x
+    v_star = probe.exact_velocity((1 - s) * x[:5] + s * z, s, y[:5], data_x, data_y)
+    assert torch.allclose(v_star, z - x[:5], atol=1e-4)
+    with_data = probe.branch_stats(net, cfg, x, y, (data_x, data_y))["0.1"]
+    assert with_data["exact"] > 1 and with_data["class_exact"] > 1 and with_data["real_err"] > 0
+
+
 def test_toy_ladder_table_gives_the_generator_term_alone():
     """The ladder's table ends with apex_released - gen0 per mixture (the same rung with the
     generator term and without it, paired by seed), and leaves it out when a rung is missing."""
@@ -2230,30 +2258,3 @@ if __name__ == "__main__":
         size = os.path.getsize(os.path.join(NOTEBOOK_DIR, name))
         print(f"{name}: {seconds:.1f} s{' (outputs written)' if write else ''}, {size / 1024:.0f} KB")
 
-
-def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
-    """experiments/shapes_probe.py: contrast and spread are 0 for one blank image repeated and near
-    the data's for data; the real branch's class dependence is > 0 for a network that reads the
-    class and exactly 0 once its class embeddings are equal."""
-    probe, study = _experiment("shapes_probe"), _experiment("shapes_study")
-    data_x, data_y = study.data_distribution(0)
-    pick = torch.cat([torch.nonzero(data_y == k)[:20, 0] for k in range(10)])
-    x, y = data_x[pick], data_y[pick]
-    assert probe.image_stats(x, y)["contrast"] > 0.2 and probe.image_stats(x, y)["spread"] > 0.1
-    blank = probe.image_stats(torch.full_like(x, -0.8), y)
-    assert blank == {"contrast": 0.0, "spread": 0.0}
-    cfg = apex_min.Config()
-    torch.manual_seed(0)
-    net = apex_min.build_model(cfg)
-    for p in net.parameters():
-        p.data.normal_(0, 0.1)
-    stats = probe.branch_stats(net, cfg, x, y)
-    assert set(stats) == {str(s) for s in probe.S}
-    assert all(v["class"] > 1e-4 and v["gap"] > 1e-4 for v in stats.values())
-    net.class_embed.weight.data[:] = net.class_embed.weight.data[0]
-    assert all(v["class"] == 0.0 and v["gap"] > 1e-4 for v in probe.branch_stats(net, cfg, x, y).values())
-    z, s = torch.randn_like(x[:5]), 0.01   # a data image at small s: the exact velocity is z - x
-    v_star = probe.exact_velocity((1 - s) * x[:5] + s * z, s, y[:5], data_x, data_y)
-    assert torch.allclose(v_star, z - x[:5], atol=1e-4)
-    with_data = probe.branch_stats(net, cfg, x, y, (data_x, data_y))["0.1"]
-    assert with_data["exact"] > 1 and with_data["class_exact"] > 1 and with_data["real_err"] > 0
