@@ -34,6 +34,12 @@ S = (0.02, 0.1, 0.25, 0.5, 0.75)
 FAKE_ARMS = [arm for arm in study.ARMS if arm != "consistency"]   # consistency never trains c_fake
 
 
+def data_draws(seed: int, n_per_class: int):  # the first n images of each class of the seed's data
+    data_x, data_y = study.data_distribution(seed)
+    pick = torch.cat([torch.nonzero(data_y == k)[:n_per_class, 0] for k in range(study.CLASSES)])
+    return data_x[pick], data_y[pick]
+
+
 def image_stats(x, y) -> dict:
     spread = [x[y == k].std(0).mean().item() for k in range(study.CLASSES)]
     return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),
@@ -64,7 +70,7 @@ def branch_stats(net, cfg, x, y, data=None) -> dict:
         sv = torch.full((len(y),), s)
         x_s = am.interpolate(x, torch.randn(x.shape, generator=g), sv)
         v_real, v_fake, v_other = (net(x_s, sv, sv, cond).float() for cond in (c, c_fake, c_other))
-        r = out[str(s)] = {"gap": (v_fake - v_real).pow(2).mean(), "class": (v_real - v_other).pow(2).mean()}
+        r = {"gap": (v_fake - v_real).pow(2).mean(), "class": (v_real - v_other).pow(2).mean()}
         if data is not None:
             v_star = exact_velocity(x_s, s, y, *data)
             r.update(real_err=(v_real - v_star).pow(2).mean(), exact=v_star.pow(2).mean(),
@@ -78,18 +84,11 @@ def probe(where: str, arm: str, seed: int, n_per_class: int) -> dict:
     net, cfg = am.model_from_checkpoint(f"{study.run_dir(where, arm)}/ckpt.pt")
     z, y, g = study.evaluation_noise(n_per_class)
     x = am.sample_fewstep(net, z, y, nfe=1, generator=g).clamp(-1, 1)
-    data_x, data_y = study.data_distribution(seed)
-    pick = torch.cat([torch.nonzero(data_y == k)[:n_per_class, 0] for k in range(study.CLASSES)])
-    by_s = branch_stats(net, cfg, x, y, (data_x, data_y))
-    on_data = branch_stats(net, cfg, data_x[pick], data_y[pick])
+    by_s = branch_stats(net, cfg, x, y, study.data_distribution(seed))
+    on_data = branch_stats(net, cfg, *data_draws(seed, n_per_class))
     for s in S:
         by_s[str(s)]["class_data"] = on_data[str(s)]["class"]
     return {**image_stats(x, y), "by_s": by_s}
-
-
-def finished(run: str) -> bool:  # the run reached its --max-steps (shapes_study.train's test)
-    summary = os.path.join(run, "summary.json")
-    return os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps"
 
 
 def table(record: dict) -> str:
@@ -126,13 +125,11 @@ def main(argv=None) -> dict:
     rows = {}
     for seed in args.seeds:
         where = os.path.join(args.out, "runs", "shapes_study", f"steps{args.steps}", f"seed{seed}")
-        done = [arm for arm in args.arms if finished(study.run_dir(where, arm))]
+        done = [arm for arm in args.arms if study.finished(study.run_dir(where, arm))]
         if "gen0" not in done:
             continue
         rows[str(seed)] = {arm: probe(where, arm, seed, args.n_per_class) for arm in done}
-        data_x, data_y = study.data_distribution(seed)
-        pick = torch.cat([torch.nonzero(data_y == k)[:args.n_per_class, 0] for k in range(study.CLASSES)])
-        rows[str(seed)]["data"] = image_stats(data_x[pick], data_y[pick])
+        rows[str(seed)]["data"] = image_stats(*data_draws(seed, args.n_per_class))
     if not rows:
         p.error(f"no trained gen0 arm under {args.out}/runs/shapes_study/steps{args.steps}; "
                 "run experiments/shapes_study.py first")

@@ -156,10 +156,14 @@ def run_dir(where: str, arm: str) -> str:  # a seed's folder, then one per arm (
     return os.path.join(where, arm.replace("/", "_"))
 
 
+def finished(out_dir: str) -> bool:  # the run reached its --max-steps
+    summary = os.path.join(out_dir, "summary.json")
+    return os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps"
+
+
 def train(out_dir: str, flags: list) -> str:
     """One `python apex_min.py` run (one CPU thread); a finished run is reused. Returns its ckpt."""
-    summary = os.path.join(out_dir, "summary.json")
-    if os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps":
+    if finished(out_dir):
         return os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
     resume = ["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
