@@ -1916,8 +1916,7 @@ def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
     class and exactly 0 once its class embeddings are equal."""
     probe, study = _experiment("shapes_probe"), _experiment("shapes_study")
     data_x, data_y = study.data_distribution(0)
-    pick = torch.cat([torch.nonzero(data_y == k)[:20, 0] for k in range(10)])
-    x, y = data_x[pick], data_y[pick]
+    x, y = probe.data_draws(0, 20)
     assert probe.image_stats(x, y)["contrast"] > 0.2 and probe.image_stats(x, y)["spread"] > 0.1
     blank = probe.image_stats(torch.full_like(x, -0.8), y)
     assert blank == {"contrast": 0.0, "spread": 0.0}
@@ -2257,4 +2256,3 @@ if __name__ == "__main__":
         seconds = execute_notebook(name, write=write)
         size = os.path.getsize(os.path.join(NOTEBOOK_DIR, name))
         print(f"{name}: {seconds:.1f} s{' (outputs written)' if write else ''}, {size / 1024:.0f} KB")
-
