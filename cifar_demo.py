@@ -169,12 +169,23 @@ def generate(net, n_per_class, nfe=None, euler_steps=None, batch_size=1000, seed
     return images
 
 
+def sample_stats(images, labels) -> dict:
+    """A collapse check on uint8 images, in [-1, 1]: contrast, the mean pixel std within an image
+    (0: blank images), and spread, the pixel std across a class's images, mean over pixels and
+    classes (0: one image per class)."""
+    x = images.float() / 127.5 - 1
+    spread = [x[labels == k].std(0).mean().item() for k in labels.unique()]
+    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),
+            "spread": round(sum(spread) / len(spread), 4)}
+
+
 def fid_of_model(net, inception, ref_mu, ref_sigma, n_per_class=1000, nfe=None, euler_steps=None,
                  batch_size=250, seed=0, device="cpu"):
     """FID of 10 * n_per_class samples against (ref_mu, ref_sigma), with the seconds it took."""
     start = time.time()
     images = generate(net, n_per_class, nfe, euler_steps, seed=seed, device=device)   # on the CPU: synced
-    result = {"n": len(images), "seconds_sampling": round(time.time() - start, 2)}
+    result = {"n": len(images), "seconds_sampling": round(time.time() - start, 2),
+              **sample_stats(images, torch.arange(NUM_CLASSES).repeat_interleave(n_per_class))}
     mu, sigma = feature_stats(inception_features(inception, images, batch_size, device))
     return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), **result,
             "seconds_total": round(time.time() - start, 2)}

@@ -1351,6 +1351,17 @@ def test_generate_class_major_and_same_noise(monkeypatch):
     assert edges[0].flatten()[:3].tolist() == [0, 128, 255]
 
 
+def test_sample_stats_see_blank_and_repeated_images():
+    y = torch.arange(10).repeat_interleave(4)
+    blank = torch.full((40, 3, 32, 32), 90, dtype=torch.uint8)
+    assert cifar_demo.sample_stats(blank, y) == {"contrast": 0.0, "spread": 0.0}
+    one = torch.randint(0, 256, (10, 1, 3, 32, 32), dtype=torch.uint8).expand(10, 4, 3, 32, 32)
+    stats = cifar_demo.sample_stats(one.reshape(40, 3, 32, 32), y)   # one image per class: no spread
+    assert stats["spread"] == 0.0 and 0.5 < stats["contrast"] < 0.65   # uniform pixels: std 0.577
+    noise = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    assert cifar_demo.sample_stats(noise, y)["spread"] > 0.5
+
+
 def test_save_class_grid(tmp_path):
     images = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)
     cifar_demo.save_class_grid({"1 NFE": images, "Euler 50": images}, 3, tmp_path)
