@@ -1880,6 +1880,12 @@ def test_shapes_study_script_at_test_size(tmp_path):
     bad = subprocess.run(probe[:4] + ["40", "--out", str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV,
                          capture_output=True, text=True)              # no runs of that length
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    signs = [sys.executable, "experiments/collapse_signs.py", "--out", str(tmp_path)]
+    done = subprocess.run(signs, cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "results" / "collapse_signs.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["steps20/seed0/apex", "steps20/seed0/apex_best"]   # the term's runs
+    assert rows[0]["min_fake"] is None and "| shapes | steps20/seed0/apex | 8 | - | - | - |" in done.stdout
 
 
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
@@ -1946,6 +1952,21 @@ def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
     assert torch.allclose(v_star, z - x[:5], atol=1e-4)
     with_data = probe.branch_stats(net, cfg, x, y, (data_x, data_y))["0.1"]
     assert with_data["exact"] > 1 and with_data["class_exact"] > 1 and with_data["real_err"] > 0
+
+
+def test_collapse_signs_count_term_steps_from_the_switch_on():
+    """experiments/collapse_signs.py: the onset is counted from the step the term switches on
+    (`scheduled`), only logs with the term on count, and a run above the floor has no onset."""
+    signs = _experiment("collapse_signs").signs
+    log = [{"step": k, "fake": f, "gap": g} for k, f, g in
+           ((100, 0.01, 0.5), (800, 0.30, 0.2), (900, 0.10, 0.004), (1000, 0.05, 0.002))]
+    late = signs({"polish_from": 0.8, "max_steps": 1000}, log)   # on from step 800: 200 term steps
+    assert late == {"term_steps": 200, "onset": 100, "min_fake": 0.05, "min_gap": 0.002}
+    throughout = signs({"polish_from": 0.0, "max_steps": 1000}, log)
+    assert throughout["term_steps"] == 1000 and throughout["onset"] == 100 and throughout["min_fake"] == 0.01
+    healthy = signs({"polish_from": 0.0, "max_steps": 1000}, [dict(r, fake=0.3) for r in log])
+    assert healthy["onset"] is None and healthy["min_fake"] == 0.3
+    assert signs({"polish_from": 0.8, "max_steps": 1000}, log[:2])["min_fake"] is None   # none logged on
 
 
 def test_toy_ladder_table_gives_the_generator_term_alone():

@@ -1,0 +1,94 @@
+"""The shapes' sign of a collapse under the generator term, read from training logs.
+
+    python experiments/collapse_signs.py            # the shapes study's runs and the CIFAR-10 records
+    python experiments/collapse_signs.py --report   # the committed record's table
+
+Every shapes run that the term drove to one blank image showed it first in its log: the fake loss
+(how far the fake branch is from the generator's samples) fell far below the level of the healthy
+runs, and the gap (v_fake - v_real)^2 towards 0. For each run with the term, from its log:
+  term_steps  the steps with the term on (the last 1 - polish_from of the run's steps)
+  onset       the term steps until the fake loss was first logged below FLOOR (none: never)
+  min_fake    the lowest fake loss, and min_gap the lowest gap, logged while the term was on
+FLOOR = 0.12: the shapes runs that drew a blank image fell to 0.02-0.05, and every other shapes
+run with the term stayed above 0.23. The runs: every finished arm with the term under
+runs/shapes_study (experiments/shapes_study.py writes them), and every record of
+experiments/cifar_budget.sh in results/cifar_budget/ (their logs are in the records).
+Record: results/collapse_signs.json.
+"""
+import glob
+import json
+import math
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+import apex_min as am  # noqa: E402
+import shapes_study as study  # noqa: E402
+
+FLOOR = 0.12
+
+
+def signs(config: dict, log: list) -> dict:
+    """The signs of one run, from its config and its log (a list of logged dicts)."""
+    start = math.ceil(config["polish_from"] * config["max_steps"])   # `scheduled`'s switch-on
+    on = [r for r in log if r["step"] > start and "fake" in r]
+    low = [r["step"] - start for r in on if r["fake"] < FLOOR]
+    return {"term_steps": config["max_steps"] - start, "onset": low[0] if low else None,   # none logged:
+            "min_fake": min((r["fake"] for r in on), default=None),                      # None
+            "min_gap": min((r["gap"] for r in on if "gap" in r), default=None)}
+
+
+def runs(out: str):   # (testbed, name, config, log) of every finished run with the term
+    for summary in sorted(glob.glob(os.path.join(out, "runs", "shapes_study", "*", "*", "*", "summary.json"))):
+        folder = os.path.dirname(summary)
+        config = json.load(open(os.path.join(folder, "config.json")))
+        if study.finished(folder) and config["objective"] == "apex" and config["gen_weight"] > 0:
+            path = os.path.join(folder, "log.jsonl")   # none in a run shorter than --log-every
+            log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+            yield "shapes", os.path.relpath(folder, os.path.join(out, "runs", "shapes_study")), config, log
+    for path in sorted(glob.glob(os.path.join(out, "results", "cifar_budget", "*.json"))):
+        record = json.load(open(path))
+        config = record["config"]
+        if config["objective"] == "apex" and config["gen_weight"] > 0:
+            yield "cifar10", os.path.basename(path).removesuffix(".json"), config, record["log"]
+
+
+def table(record: dict) -> str:
+    lines = [f"fake loss floor {record['floor']}", "",
+             "| testbed | run | term steps | onset | min fake | min gap |", "|---|---|---|---|---|---|"]
+    def cell(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+    lines += [f"| {r['testbed']} | {r['run']} | {r['term_steps']} | {r['onset'] or '-'} | "
+              f"{cell(r['min_fake'], 3)} | {cell(r['min_gap'], 4)} |" for r in record["rows"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = am.OneLineParser(prog="collapse_signs.py", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=ROOT, help="root of runs/ and results/ (default: the repository)")
+    p.add_argument("--report", action="store_true", help="print the committed record's table")
+    args = p.parse_args(argv)
+    path = os.path.join(args.out, "results", "collapse_signs.json")
+    if args.report:
+        if not os.path.exists(path):
+            p.error(f"no record at {path}; run the command without --report first")
+        print(table(json.load(open(path))))
+        return {}
+    rows = [{"testbed": testbed, "run": name, **signs(config, log)}
+            for testbed, name, config, log in runs(args.out)]
+    if not rows:
+        p.error(f"no finished run with the term under {args.out}/runs/shapes_study or "
+                f"{args.out}/results/cifar_budget")
+    record = {"floor": FLOOR, "rows": rows, "env": am.environment()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(table(record) + f"\n\nwrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
