@@ -169,14 +169,11 @@ def generate(net, n_per_class, nfe=None, euler_steps=None, batch_size=1000, seed
     return images
 
 
-def sample_stats(images, labels) -> dict:
-    """A collapse check on uint8 images, in [-1, 1]: contrast, the mean pixel std within an image
-    (0: blank images), and spread, the pixel std across a class's images, mean over pixels and
-    classes (0: one image per class)."""
-    x = images.float() / 127.5 - 1
-    spread = [x[labels == k].std(0).mean().item() for k in labels.unique()]
-    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),
-            "spread": round(sum(spread) / len(spread), 4)}
+def sample_stats(images, labels) -> dict:  # a collapse check on uint8 images, read in [-1, 1]:
+    x = images.float() / 127.5 - 1                                  # contrast, the pixel std within
+    spread = [x[labels == k].std(0).mean().item() for k in labels.unique()]   # an image (0: blank);
+    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),     # spread, the std across a
+            "spread": round(sum(spread) / len(spread), 4)}               # class's images (0: one image)
 
 
 def fid_of_model(net, inception, ref_mu, ref_sigma, n_per_class=1000, nfe=None, euler_steps=None,
