@@ -83,9 +83,7 @@ def main(argv=None) -> dict:
         p.error(f"no finished run with the term under {args.out}/runs/shapes_study or "
                 f"{args.out}/results/cifar_budget")
     record = {"floor": FLOOR, "rows": rows, "env": am.environment()}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    study.write_record(path, record)
     print(table(record) + f"\n\nwrote {path}")
     return record
 

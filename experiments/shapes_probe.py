@@ -135,9 +135,7 @@ def main(argv=None) -> dict:
                 "run experiments/shapes_study.py first")
     record = {"steps": args.steps, "n_per_class": args.n_per_class, "s": list(S), "rows": rows,
               "env": am.environment()}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    study.write_record(path, record)
     print(table(record) + f"\n\nwrote {path}")
     return record
 

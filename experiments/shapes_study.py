@@ -164,6 +164,12 @@ def finished(out_dir: str) -> bool:  # the run reached its --max-steps
     return os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps"
 
 
+def write_record(path: str, record: dict) -> None:   # also the probe's and collapse_signs'
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def train(out_dir: str, flags: list) -> str:
     """One `python apex_min.py` run (one CPU thread); a finished run is reused. Returns its ckpt."""
     if finished(out_dir):
@@ -370,9 +376,7 @@ def main(argv=None) -> dict:
         print(table(json.load(open(path))))
         return {}
     record = study(args)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    write_record(path, record)
     steps, seed = max(args.steps), args.seeds[0]
     figure_path = os.path.join(args.out, "assets", stem + ".png")
     os.makedirs(os.path.dirname(figure_path), exist_ok=True)
