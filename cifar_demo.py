@@ -169,11 +169,10 @@ def generate(net, n_per_class, nfe=None, euler_steps=None, batch_size=1000, seed
     return images
 
 
-def sample_stats(images, labels) -> dict:  # a collapse check on uint8 images, read in [-1, 1]:
-    x = images.float() / 127.5 - 1                                  # contrast, the pixel std within
-    spread = [x[labels == k].std(0).mean().item() for k in labels.unique()]   # an image (0: blank);
-    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),     # spread, the std across a
-            "spread": round(sum(spread) / len(spread), 4)}               # class's images (0: one image)
+def sample_stats(x, labels) -> dict:  # a collapse check on images in [-1, 1]: contrast, the pixel
+    spread = [x[labels == k].std(0).mean().item() for k in labels.unique()]   # std within an image
+    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),     # (0: blank); spread, the std
+            "spread": round(sum(spread) / len(spread), 4)}               # across a class's (0: one image)
 
 
 def fid_of_model(net, inception, ref_mu, ref_sigma, n_per_class=1000, nfe=None, euler_steps=None,
@@ -181,8 +180,9 @@ def fid_of_model(net, inception, ref_mu, ref_sigma, n_per_class=1000, nfe=None, 
     """FID of 10 * n_per_class samples against (ref_mu, ref_sigma), with the seconds it took."""
     start = time.time()
     images = generate(net, n_per_class, nfe, euler_steps, seed=seed, device=device)   # on the CPU: synced
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
     result = {"n": len(images), "seconds_sampling": round(time.time() - start, 2),
-              **sample_stats(images, torch.arange(NUM_CLASSES).repeat_interleave(n_per_class))}
+              **sample_stats(images.float() / 127.5 - 1, labels)}
     mu, sigma = feature_stats(inception_features(inception, images, batch_size, device))
     return {"fid": frechet_distance(mu, sigma, ref_mu, ref_sigma), **result,
             "seconds_total": round(time.time() - start, 2)}

@@ -36,9 +36,9 @@ def signs(config: dict, log: list) -> dict:
     start = math.ceil(config["polish_from"] * config["max_steps"])   # `scheduled`'s switch-on
     on = [r for r in log if r["step"] > start and "fake" in r]
     low = [r["step"] - start for r in on if r["fake"] < FLOOR]
-    return {"term_steps": config["max_steps"] - start, "onset": low[0] if low else None,   # none logged:
-            "min_fake": min((r["fake"] for r in on), default=None),                      # None
-            "min_gap": min((r["gap"] for r in on if "gap" in r), default=None)}
+    return {"term_steps": config["max_steps"] - start, "onset": low[0] if low else None,
+            "min_fake": min((r["fake"] for r in on), default=None),   # None: nothing logged with
+            "min_gap": min((r["gap"] for r in on if "gap" in r), default=None)}   # the term on
 
 
 def runs(out: str):   # (testbed, name, config, log) of every finished run with the term

@@ -28,6 +28,7 @@ sys.path[:0] = [ROOT, HERE]
 import torch  # noqa: E402
 
 import apex_min as am  # noqa: E402
+import cifar_demo  # noqa: E402
 import shapes_study as study  # noqa: E402
 
 S = (0.02, 0.1, 0.25, 0.5, 0.75)
@@ -38,12 +39,6 @@ def data_draws(seed: int, n_per_class: int):  # the first n images of each class
     data_x, data_y = study.data_distribution(seed)
     pick = torch.cat([torch.nonzero(data_y == k)[:n_per_class, 0] for k in range(study.CLASSES)])
     return data_x[pick], data_y[pick]
-
-
-def image_stats(x, y) -> dict:
-    spread = [x[y == k].std(0).mean().item() for k in range(study.CLASSES)]
-    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),
-            "spread": round(sum(spread) / len(spread), 4)}
 
 
 def exact_velocity(x_s, s: float, y, data_x, data_y):
@@ -88,7 +83,7 @@ def probe(where: str, arm: str, seed: int, n_per_class: int) -> dict:
     on_data = branch_stats(net, cfg, *data_draws(seed, n_per_class))
     for s in S:
         by_s[str(s)]["class_data"] = on_data[str(s)]["class"]
-    return {**image_stats(x, y), "by_s": by_s}
+    return {**cifar_demo.sample_stats(x, y), "by_s": by_s}
 
 
 def table(record: dict) -> str:
@@ -129,7 +124,7 @@ def main(argv=None) -> dict:
         if "gen0" not in done:
             continue
         rows[str(seed)] = {arm: probe(where, arm, seed, args.n_per_class) for arm in done}
-        rows[str(seed)]["data"] = image_stats(*data_draws(seed, args.n_per_class))
+        rows[str(seed)]["data"] = cifar_demo.sample_stats(*data_draws(seed, args.n_per_class))
     if not rows:
         p.error(f"no trained gen0 arm under {args.out}/runs/shapes_study/steps{args.steps}; "
                 "run experiments/shapes_study.py first")
