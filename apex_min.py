@@ -839,9 +839,10 @@ def train(cfg: Config) -> dict:
     t_start = t0 = last_t = time.time()
     ctrl_c = []
 
-    def on_ctrl_c(*_):   # the first Ctrl-C ends the run at the next log step, with a checkpoint
-        ctrl_c.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)   # a second one: at once
+    def on_ctrl_c(*_):   # the first Ctrl-C ends the run at the next log step, with a checkpoint;
+        if ctrl_c and time.time() - ctrl_c[0] > 1:   # a second one, a second later: at once. Within
+            raise KeyboardInterrupt                  # a second it is the same one, sent again to the
+        ctrl_c.append(time.time())                   # process group (as `timeout` does)
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:

@@ -1032,6 +1032,27 @@ def test_ctrl_c_ends_the_run_at_a_step_with_a_checkpoint_and_resume_continues(tm
         torch.testing.assert_close(b["model"][name], value, rtol=0, atol=1e-7, msg=name)
 
 
+def test_a_ctrl_c_that_arrives_twice_at_once_still_stops_at_a_log_step(tmp_path):
+    """`timeout -s INT` signals the process and then its group: two SIGINTs microseconds apart.
+    They are one request (stop at the next log step, with a checkpoint), not the second Ctrl-C
+    that stops at once, mid-step."""
+    import signal
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "apex_min.py", *TINY_CLI, "--log-every", "50", "--ckpt-every",
+                             "1000", "--max-steps", "100000", "--out-dir", str(cut)],
+                            cwd=HERE, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not logged_steps(cut / "log.jsonl"):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    step = apex_min.load_checkpoint(str(cut / "ckpt.pt"))["step"]
+    assert json.loads((cut / "summary.json").read_text())["step"] == step and step % 50 == 0, step
+
+
 def test_minutes_count_the_training_of_a_resumed_run(tmp_path):
     """--minutes is the run's budget in all: resumed with the budget spent, it stops at the first
     log step; with more minutes it trains on."""
