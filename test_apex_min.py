@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import statistics
 import subprocess
 import sys
@@ -1907,6 +1908,11 @@ def test_shapes_study_script_at_test_size(tmp_path):
     rows = json.loads((tmp_path / "results" / "collapse_signs.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["steps20/seed0/apex", "steps20/seed0/apex_best"]   # the term's runs
     assert rows[0]["min_fake"] is None and "| shapes | steps20/seed0/apex | 8 | - | - | - |" in done.stdout
+    gone = tmp_path / "runs" / "shapes_study" / "steps20" / "seed0" / "apex_best"
+    shutil.rmtree(gone)      # a run whose log is not here keeps its row; the others are read again
+    again = subprocess.run(signs, cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "kept from it: 1 row(s)" in again.stdout, again.stderr[-2000:]
+    assert json.loads((tmp_path / "results" / "collapse_signs.json").read_text())["rows"] == rows
 
 
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):

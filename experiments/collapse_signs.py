@@ -13,7 +13,8 @@ FLOOR = 0.12: the shapes runs that drew a blank image fell to 0.02-0.05, and eve
 run with the term stayed above 0.23. The runs: every finished arm with the term under
 runs/shapes_study (experiments/shapes_study.py writes them), and every record of
 experiments/cifar_budget.sh in results/cifar_budget/ (their logs are in the records).
-Record: results/collapse_signs.json.
+Record: results/collapse_signs.json. Its rows of runs whose logs are not here (runs/ is not in a
+clone) are kept when it is written again.
 """
 import glob
 import json
@@ -82,9 +83,13 @@ def main(argv=None) -> dict:
     if not rows:
         p.error(f"no finished run with the term under {args.out}/runs/shapes_study or "
                 f"{args.out}/results/cifar_budget")
+    here = {(r["testbed"], r["run"]) for r in rows}
+    kept = [r for r in (json.load(open(path))["rows"] if os.path.exists(path) else [])
+            if (r["testbed"], r["run"]) not in here]
+    rows = sorted(rows + kept, key=lambda r: (r["testbed"] == "cifar10", r["run"]))
     record = {"floor": FLOOR, "rows": rows, "env": am.environment()}
     study.write_record(path, record)
-    print(table(record) + f"\n\nwrote {path}")
+    print(table(record) + f"\n\nwrote {path}; kept from it: {len(kept)} row(s) whose logs are not here")
     return record
 
 
