@@ -1915,6 +1915,23 @@ def test_shapes_study_script_at_test_size(tmp_path):
     assert json.loads((tmp_path / "results" / "collapse_signs.json").read_text())["rows"] == rows
 
 
+def test_shapes_study_net_trains_every_stage_with_that_network(tmp_path):
+    """--net DIMxDEPTH: the flow stage and the arms get that network (DIM / 32 heads), in their own
+    folders and record; a malformed value is one line and exit 2."""
+    cmd = [sys.executable, "experiments/shapes_study.py", "--fast", "--arms", "gen0", "--out", str(tmp_path)]
+    done = subprocess.run(cmd + ["--net", "32x1"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("flow", "gen0"):
+        cfg = json.loads((tmp_path / "runs/shapes_study/steps20_net32x1/seed0" / stage / "config.json").read_text())
+        assert (cfg["dim"], cfg["depth"], cfg["heads"]) == (32, 1, 1)
+    record = json.loads((tmp_path / "results" / "shapes_study_arms-gen0_net32x1.json").read_text())
+    assert record["net"] == "32x1" and not (tmp_path / "runs/shapes_study/steps20").exists()
+    for bad in ("48x2", "128", "0x2"):
+        out = subprocess.run(cmd + ["--net", bad], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     """shapes_study.py --pool: a record split by seed into two files gives the table of the whole
     record again, and so does one split by arm (the flow stage and data rows in both); a seed

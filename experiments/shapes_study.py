@@ -7,6 +7,8 @@
     python experiments/shapes_study.py --pool results/shapes_study*.json --figure assets/shapes_lengths.png
     python experiments/shapes_study.py --steps 24000 --seeds 0 1 --arms gen0 apex consistency
                                                     # some arms only, trained in the order given
+    python experiments/shapes_study.py --steps 12000 --seeds 1 2 --arms small_s gen0 --net 128x2
+                                                    # a wider network than the tiny preset's 64x2
     python experiments/shapes_study.py --fast       # test size, a minute; numbers are meaningless
 
 Between the 2-D toy (exact densities, 2 dimensions) and CIFAR-10 (FID only) lie the synthetic
@@ -35,7 +37,9 @@ steps and with 1) and scored per class against the seed's data, then averaged ov
   colour     the share whose nearest valid image over all classes is of the class asked for
 The `data` row scores draws of the data distribution of the same size (the metrics' floor).
 Runs go to OUT/runs/shapes_study (a finished run is reused); the record to
-OUT/results/shapes_study.json (OUT: the repository; --fast: runs/fast).
+OUT/results/shapes_study.json (OUT: the repository; --fast: runs/fast). --net DIMxDEPTH trains
+every stage with another network (DIM / 32 heads, as the tiny preset's 64x2 has 2): its runs and
+its record carry `_netDIMxDEPTH` in their names.
 """
 import argparse
 import concurrent.futures
@@ -66,6 +70,7 @@ PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("gen0", "consistency")
          ("small_s", "gen0"), ("small_s/lr3e-4", "gen0/lr3e-4"))   # d = first - second, per seed
 METRICS = ("sw1", "atom_rmse", "place_tv", "colour")
 FLOW_SHARE, SIDE, SIZE, CLASSES = 0.6, 16 // 3, 16, 10
+NET = "64x2"   # the tiny preset's dim and depth
 LR = {"flow": "3e-3", "apex": "1e-3"}   # the tiny preset's 2e-4 left the flow stage drawing speckles
 
 
@@ -193,8 +198,10 @@ def run_all(jobs: list, workers: int) -> list:  # (out_dir, flags) pairs, `worke
 
 def study(args) -> dict:
     start, root = time.time(), os.path.join(args.out, "runs", "shapes_study")
-    common = ["--log-every", "100", "--ckpt-every", "500"]
-    where = {(s, seed): os.path.join(root, f"steps{s}", f"seed{seed}")
+    dim, depth = map(int, args.net.split("x"))
+    common = ["--log-every", "100", "--ckpt-every", "500", "--dim", str(dim), "--depth", str(depth),
+              "--heads", str(dim // 32)]
+    where = {(s, seed): os.path.join(root, f"steps{s}{args.suffix}", f"seed{seed}")
              for s in args.steps for seed in args.seeds}
     order = sorted(where, key=lambda key: -key[0])                              # longest first
     flow_steps = {s: round(FLOW_SHARE * s) for s in args.steps}
@@ -216,7 +223,7 @@ def study(args) -> dict:
     return {"rows": {str(s): r for s, r in rows.items()}, "steps": args.steps, "seeds": args.seeds,
             "flow_share": FLOW_SHARE, "lr": LR,
             "arms": {arm: ARMS[arm] for arm in args.arms}, "n_per_class": args.n_per_class,
-            "euler_steps": args.euler_steps, "env": am.environment(),
+            "euler_steps": args.euler_steps, "net": args.net, "env": am.environment(),
             "seconds_wall": round(time.time() - start, 1)}
 
 
@@ -335,6 +342,7 @@ def main(argv=None) -> dict:
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=FIVE,
                    help="the APEX stages to train, in this order (default: the first five)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU thread each)")
+    p.add_argument("--net", default=NET, help=f"the network, DIMxDEPTH with DIM / 32 heads (default {NET})")
     p.add_argument("--out", default="", help="root of runs/ and results/ (default: the repository)")
     p.add_argument("--fast", action="store_true", help="test size: 20 steps, one seed, 20 per class")
     p.add_argument("--report", action="store_true", help="print the committed record's table, no run")
@@ -347,6 +355,10 @@ def main(argv=None) -> dict:
     sizes = (args.n_per_class, args.euler_steps, args.workers)
     if min(args.steps) < 10 or min(sizes) < 1 or min(args.seeds) < 0:
         p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0")
+    net = args.net.split("x")
+    if len(net) != 2 or not all(n.isdigit() and int(n) > 0 for n in net) or int(net[0]) % 32:
+        p.error(f"--net {args.net}: DIMxDEPTH, DIM a multiple of 32, e.g. 128x2")
+    args.suffix = "" if args.net == NET else f"_net{args.net}"
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
     stem = "shapes_study"   # other lengths or seeds: their own record, e.g. shapes_study_steps6000_seeds3-4
     if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
@@ -354,6 +366,7 @@ def main(argv=None) -> dict:
     args.arms = list(dict.fromkeys(args.arms))
     if args.arms != FIVE:   # e.g. shapes_study_steps24000_seeds0-1_arms-gen0-apex-consistency
         stem += "_arms-" + "-".join(arm.replace("/", "_") for arm in args.arms)
+    stem += args.suffix
     path = os.path.join(args.out, "results", stem + ".json")
     if args.figure and not args.pool:
         p.error("--figure goes with --pool")
@@ -380,8 +393,8 @@ def main(argv=None) -> dict:
     steps, seed = max(args.steps), args.seeds[0]
     figure_path = os.path.join(args.out, "assets", stem + ".png")
     os.makedirs(os.path.dirname(figure_path), exist_ok=True)
-    figure(figure_path, os.path.join(args.out, "runs", "shapes_study", f"steps{steps}", f"seed{seed}"), seed,
-           args.arms)
+    figure(figure_path, os.path.join(args.out, "runs", "shapes_study", f"steps{steps}{args.suffix}",
+                                     f"seed{seed}"), seed, args.arms)
     print(table(record))
     print(f"\nwrote {path} and {figure_path}; wall {record['seconds_wall']:.1f} s")
     return record
