@@ -1927,6 +1927,11 @@ def test_shapes_study_net_trains_every_stage_with_that_network(tmp_path):
         assert (cfg["dim"], cfg["depth"], cfg["heads"]) == (32, 1, 1)
     record = json.loads((tmp_path / "results" / "shapes_study_arms-gen0_net32x1.json").read_text())
     assert record["net"] == "32x1" and not (tmp_path / "runs/shapes_study/steps20").exists()
+    probe = subprocess.run([sys.executable, "experiments/shapes_probe.py", "--steps", "20", "--seeds", "0",
+                            "--net", "32x1", "--n-per-class", "3", "--out", str(tmp_path)],
+                           cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0 and "| 0 | gen0 |" in probe.stdout, probe.stderr[-2000:]
+    assert json.loads((tmp_path / "results" / "shapes_probe_steps20_net32x1.json").read_text())["net"] == "32x1"
     for bad in ("48x2", "128", "0x2"):
         out = subprocess.run(cmd + ["--net", bad], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -164,6 +164,13 @@ def run_dir(where: str, arm: str) -> str:  # a seed's folder, then one per arm (
     return os.path.join(where, arm.replace("/", "_"))
 
 
+def net_suffix(parser, net: str) -> str:   # --net: "" for the tiny preset's network, else _netDxL
+    parts = net.split("x")
+    if len(parts) != 2 or not all(n.isdigit() and int(n) > 0 for n in parts) or int(parts[0]) % 32:
+        parser.error(f"--net {net}: DIMxDEPTH, DIM a multiple of 32, e.g. 128x2")
+    return "" if net == NET else f"_net{net}"
+
+
 def finished(out_dir: str) -> bool:  # the run reached its --max-steps
     summary = os.path.join(out_dir, "summary.json")
     return os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps"
@@ -355,10 +362,7 @@ def main(argv=None) -> dict:
     sizes = (args.n_per_class, args.euler_steps, args.workers)
     if min(args.steps) < 10 or min(sizes) < 1 or min(args.seeds) < 0:
         p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0")
-    net = args.net.split("x")
-    if len(net) != 2 or not all(n.isdigit() and int(n) > 0 for n in net) or int(net[0]) % 32:
-        p.error(f"--net {args.net}: DIMxDEPTH, DIM a multiple of 32, e.g. 128x2")
-    args.suffix = "" if args.net == NET else f"_net{args.net}"
+    args.suffix = net_suffix(p, args.net)
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
     stem = "shapes_study"   # other lengths or seeds: their own record, e.g. shapes_study_steps6000_seeds3-4
     if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
