@@ -1967,6 +1967,17 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == "" and "in two records that differ" in done.stderr
     assert "Traceback" not in done.stderr
+    wide = tmp_path / "wide.json"        # another network's record is left out, and named
+    wide.write_text(json.dumps({**clash, "net": "128x2"}))
+    done = subprocess.run(cmd + [str(f) for f in files[:2]] + [str(wide)], cwd=HERE, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"(--net picks it): {wide}" in done.stdout
+    assert done.stdout.strip().endswith(study.table(whole).strip())
+    done = subprocess.run(cmd + [str(wide), "--net", "128x2"], cwd=HERE, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == study.table(study.pooled([clash])).strip()
+    done = subprocess.run(cmd + [str(wide)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     figure = tmp_path / "lengths.png"                 # the paired sliced W1 against the length
     done = subprocess.run(cmd + [str(f) for f in files[:2]] + ["--figure", str(figure)], cwd=HERE,
                           env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@
     python experiments/shapes_study.py --report     # the table of the committed record
     python experiments/shapes_study.py --steps 6000 --seeds 3 4   # its own record: ..._steps6000_seeds3-4
     python experiments/shapes_study.py --pool results/shapes_study*.json   # every record, seeds joined
+                                                    # (of one network: --net, default the tiny 64x2)
     python experiments/shapes_study.py --pool results/shapes_study*.json --figure assets/shapes_lengths.png
     python experiments/shapes_study.py --steps 24000 --seeds 0 1 --arms gen0 apex consistency
                                                     # some arms only, trained in the order given
@@ -378,8 +379,14 @@ def main(argv=None) -> dict:
         missing = [f for f in args.pool if not os.path.exists(f)]
         if missing:
             p.error(f"no record at {missing[0]}")
+        records = {f: json.load(open(f)) for f in args.pool}   # one network's: --net (records
+        other = [f for f, r in records.items() if r.get("net", NET) != args.net]   # before it: 64x2)
+        if len(other) == len(records):
+            p.error(f"no record of the network {args.net} among them; --net picks another")
+        if other:
+            print(f"left out, of another network than {args.net} (--net picks it): {', '.join(other)}\n")
         try:
-            rows = pooled([json.load(open(f)) for f in args.pool])
+            rows = pooled([r for f, r in records.items() if f not in other])
         except ValueError as e:
             p.error(str(e))
         print(table(rows))
