@@ -379,8 +379,9 @@ def main(argv=None) -> dict:
         missing = [f for f in args.pool if not os.path.exists(f)]
         if missing:
             p.error(f"no record at {missing[0]}")
-        records = {f: json.load(open(f)) for f in args.pool}   # one network's: --net (records
-        other = [f for f, r in records.items() if r.get("net", NET) != args.net]   # before it: 64x2)
+        # the records of one network only (--net); records older than the option are of NET
+        records = {f: json.load(open(f)) for f in args.pool}
+        other = [f for f, r in records.items() if r.get("net", NET) != args.net]
         if len(other) == len(records):
             p.error(f"no record of the network {args.net} among them; --net picks another")
         if other:
