@@ -1937,6 +1937,22 @@ def test_shapes_study_net_trains_every_stage_with_that_network(tmp_path):
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_shapes_study_batch_trains_the_apex_stages_at_that_batch(tmp_path):
+    """--batch B: the APEX stages train at batch B and the flow stage at the tiny preset's 64, in
+    their own folders and record; a batch below 8 is one line and exit 2."""
+    cmd = [sys.executable, "experiments/shapes_study.py", "--fast", "--arms", "gen0", "--out", str(tmp_path)]
+    done = subprocess.run(cmd + ["--batch", "32"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where = tmp_path / "runs/shapes_study/steps20_b32/seed0"
+    assert [json.loads((where / stage / "config.json").read_text())["batch_size"] for stage in ("flow", "gen0")] \
+        == [64, 32]
+    record = json.loads((tmp_path / "results" / "shapes_study_arms-gen0_b32.json").read_text())
+    assert record["batch"] == 32 and not (tmp_path / "runs/shapes_study/steps20").exists()
+    out = subprocess.run(cmd + ["--batch", "4"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     """shapes_study.py --pool: a record split by seed into two files gives the table of the whole
     record again, and so does one split by arm (the flow stage and data rows in both); a seed
@@ -1971,7 +1987,7 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     wide.write_text(json.dumps({**clash, "net": "128x2"}))
     done = subprocess.run(cmd + [str(f) for f in files[:2]] + [str(wide)], cwd=HERE, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and f"(--net picks it): {wide}" in done.stdout
+    assert done.returncode == 0 and f"(--net, --batch pick them): {wide}" in done.stdout
     assert done.stdout.strip().endswith(study.table(whole).strip())
     done = subprocess.run(cmd + [str(wide), "--net", "128x2"], cwd=HERE, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=120)

@@ -10,6 +10,8 @@
                                                     # some arms only, trained in the order given
     python experiments/shapes_study.py --steps 12000 --seeds 1 2 --arms small_s gen0 --net 128x2
                                                     # a wider network than the tiny preset's 64x2
+    python experiments/shapes_study.py --steps 12000 --seeds 1 2 --arms small_s --batch 256
+                                                    # the APEX stages at 4 times the batch
     python experiments/shapes_study.py --fast       # test size, a minute; numbers are meaningless
 
 Between the 2-D toy (exact densities, 2 dimensions) and CIFAR-10 (FID only) lie the synthetic
@@ -40,7 +42,8 @@ The `data` row scores draws of the data distribution of the same size (the metri
 Runs go to OUT/runs/shapes_study (a finished run is reused); the record to
 OUT/results/shapes_study.json (OUT: the repository; --fast: runs/fast). --net DIMxDEPTH trains
 every stage with another network (DIM / 32 heads, as the tiny preset's 64x2 has 2): its runs and
-its record carry `_netDIMxDEPTH` in their names.
+its record carry `_netDIMxDEPTH` in their names. --batch B trains the APEX stages at batch B (the
+flow stage keeps the tiny preset's 64, so the teacher is the batch-64 runs' own): `_bB` in the names.
 """
 import argparse
 import concurrent.futures
@@ -71,7 +74,7 @@ PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("gen0", "consistency")
          ("small_s", "gen0"), ("small_s/lr3e-4", "gen0/lr3e-4"))   # d = first - second, per seed
 METRICS = ("sw1", "atom_rmse", "place_tv", "colour")
 FLOW_SHARE, SIDE, SIZE, CLASSES = 0.6, 16 // 3, 16, 10
-NET = "64x2"   # the tiny preset's dim and depth
+NET, BATCH = "64x2", 64   # the tiny preset's dim and depth, and its batch
 LR = {"flow": "3e-3", "apex": "1e-3"}   # the tiny preset's 2e-4 left the flow stage drawing speckles
 
 
@@ -172,6 +175,10 @@ def net_suffix(parser, net: str) -> str:   # --net: "" for the tiny preset's net
     return "" if net == NET else f"_net{net}"
 
 
+def batch_suffix(batch: int) -> str:   # --batch: "" for the tiny preset's batch, else _bB
+    return "" if batch == BATCH else f"_b{batch}"
+
+
 def finished(out_dir: str) -> bool:  # the run reached its --max-steps
     summary = os.path.join(out_dir, "summary.json")
     return os.path.exists(summary) and json.load(open(summary))["stop"] == "max-steps"
@@ -219,7 +226,8 @@ def study(args) -> dict:
     run_all([(run_dir(where[k], arm),
               ["--init-from", f"{where[k]}/flow/ckpt.pt", "--seed", str(k[1]), "--max-steps",
                str(k[0] - flow_steps[k[0]]), "--lr", LR["apex"], "--lr-schedule", "cosine", *common,
-               *ARMS[arm]]) for arm in args.arms for k in order], args.workers)   # an arm's seeds together
+               "--batch-size", str(args.batch), *ARMS[arm]])
+             for arm in args.arms for k in order], args.workers)   # an arm's seeds together
     jobs = [(f"{run_dir(where[k], arm)}/ckpt.pt", arm == "flow", k[1], args.n_per_class,
              args.euler_steps) for k in order for arm in ("flow", *args.arms)]
     scored = iter(toy_2d.run_jobs(evaluate, jobs, args.workers))
@@ -231,7 +239,7 @@ def study(args) -> dict:
     return {"rows": {str(s): r for s, r in rows.items()}, "steps": args.steps, "seeds": args.seeds,
             "flow_share": FLOW_SHARE, "lr": LR,
             "arms": {arm: ARMS[arm] for arm in args.arms}, "n_per_class": args.n_per_class,
-            "euler_steps": args.euler_steps, "net": args.net, "env": am.environment(),
+            "euler_steps": args.euler_steps, "net": args.net, "batch": args.batch, "env": am.environment(),
             "seconds_wall": round(time.time() - start, 1)}
 
 
@@ -351,6 +359,8 @@ def main(argv=None) -> dict:
                    help="the APEX stages to train, in this order (default: the first five)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--net", default=NET, help=f"the network, DIMxDEPTH with DIM / 32 heads (default {NET})")
+    p.add_argument("--batch", type=int, default=BATCH,
+                   help=f"the APEX stages' batch (default {BATCH}; the flow stage keeps {BATCH})")
     p.add_argument("--out", default="", help="root of runs/ and results/ (default: the repository)")
     p.add_argument("--fast", action="store_true", help="test size: 20 steps, one seed, 20 per class")
     p.add_argument("--report", action="store_true", help="print the committed record's table, no run")
@@ -361,9 +371,9 @@ def main(argv=None) -> dict:
     if args.fast:
         args.steps, args.seeds, args.n_per_class, args.euler_steps = [20], [0], 20, 5
     sizes = (args.n_per_class, args.euler_steps, args.workers)
-    if min(args.steps) < 10 or min(sizes) < 1 or min(args.seeds) < 0:
-        p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0")
-    args.suffix = net_suffix(p, args.net)
+    if min(args.steps) < 10 or min(sizes) < 1 or min(args.seeds) < 0 or args.batch < 8:
+        p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0, --batch >= 8")
+    args.suffix = net_suffix(p, args.net) + batch_suffix(args.batch)
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
     stem = "shapes_study"   # other lengths or seeds: their own record, e.g. shapes_study_steps6000_seeds3-4
     if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
@@ -379,13 +389,16 @@ def main(argv=None) -> dict:
         missing = [f for f in args.pool if not os.path.exists(f)]
         if missing:
             p.error(f"no record at {missing[0]}")
-        # the records of one network only (--net); records older than the option are of NET
+        # the records of one network and batch only (--net, --batch); older records: NET, BATCH
         records = {f: json.load(open(f)) for f in args.pool}
-        other = [f for f, r in records.items() if r.get("net", NET) != args.net]
+        kind = f"network {args.net}, batch {args.batch}"
+        other = [f for f, r in records.items()
+                 if (r.get("net", NET), r.get("batch", BATCH)) != (args.net, args.batch)]
         if len(other) == len(records):
-            p.error(f"no record of the network {args.net} among them; --net picks another")
+            p.error(f"no record of the {kind} among them; --net and --batch pick another")
         if other:
-            print(f"left out, of another network than {args.net} (--net picks it): {', '.join(other)}\n")
+            print(f"left out, of another network or batch than the {kind} (--net, --batch pick them): "
+                  f"{', '.join(other)}\n")
         try:
             rows = pooled([r for f, r in records.items() if f not in other])
         except ValueError as e:
