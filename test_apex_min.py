@@ -1939,7 +1939,8 @@ def test_shapes_study_net_trains_every_stage_with_that_network(tmp_path):
 
 def test_shapes_study_batch_trains_the_apex_stages_at_that_batch(tmp_path):
     """--batch B: the APEX stages train at batch B and the flow stage at the tiny preset's 64, in
-    their own folders and record; a batch below 8 is one line and exit 2."""
+    their own folders and record, which shapes_probe.py --batch reads; a batch below 8 is one line
+    and exit 2."""
     cmd = [sys.executable, "experiments/shapes_study.py", "--fast", "--arms", "gen0", "--out", str(tmp_path)]
     done = subprocess.run(cmd + ["--batch", "32"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True,
                           text=True, timeout=300)
@@ -1949,6 +1950,11 @@ def test_shapes_study_batch_trains_the_apex_stages_at_that_batch(tmp_path):
         == [64, 32]
     record = json.loads((tmp_path / "results" / "shapes_study_arms-gen0_b32.json").read_text())
     assert record["batch"] == 32 and not (tmp_path / "runs/shapes_study/steps20").exists()
+    probe = subprocess.run([sys.executable, "experiments/shapes_probe.py", "--steps", "20", "--seeds", "0",
+                            "--batch", "32", "--n-per-class", "3", "--out", str(tmp_path)],
+                           cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0 and "| 0 | gen0 |" in probe.stdout, probe.stderr[-2000:]
+    assert json.loads((tmp_path / "results" / "shapes_probe_steps20_b32.json").read_text())["batch"] == 32
     out = subprocess.run(cmd + ["--batch", "4"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 

@@ -3,6 +3,7 @@
     python experiments/shapes_probe.py --steps 24000 --seeds 0 1 2 3   # the study's checkpoints
     python experiments/shapes_probe.py --steps 24000 --report          # the committed record's table
     python experiments/shapes_probe.py --steps 12000 --seeds 1 2 --net 128x2   # the study's --net runs
+    python experiments/shapes_probe.py --steps 12000 --seeds 1 2 --batch 256   # and its --batch runs
 
 For each trained arm of experiments/shapes_study.py (its checkpoints under runs/shapes_study), the
 EMA network draws one-step samples from the study's evaluation noise, and this measures:
@@ -16,7 +17,7 @@ and, with the samples noised to s (x_s = (1 - s) x + s z, fixed z), as the gener
              included: v* = (x_s - E[x | x_s, y]) / s); exact: mean v*^2, for scale; class_exact:
              the exact velocity's class dependence, as `class`
 The `data` row: the contrast and spread of draws of the seed's data. Arms still training are left out.
-Record: results/shapes_probe_steps{N}.json (with --net: shapes_probe_steps{N}_net{DIMxDEPTH}.json).
+Record: results/shapes_probe_steps{N}.json (--net, --batch: the study's suffix, e.g. ..._net128x2).
 """
 import json
 import os
@@ -108,10 +109,12 @@ def main(argv=None) -> dict:
                    help="the arms to probe (default: those with a fake branch; untrained ones left out)")
     p.add_argument("--n-per-class", type=int, default=100)
     p.add_argument("--net", default=study.NET, help=f"the study's --net (default {study.NET})")
+    p.add_argument("--batch", type=int, default=study.BATCH,
+                   help=f"the study's --batch (default {study.BATCH})")
     p.add_argument("--out", default=ROOT, help="root of runs/ and results/ (default: the repository)")
     p.add_argument("--report", action="store_true", help="print the committed record's table, no probe")
     args = p.parse_args(argv)
-    suffix = study.net_suffix(p, args.net)
+    suffix = study.net_suffix(p, args.net) + study.batch_suffix(args.batch)
     path = os.path.join(args.out, "results", f"shapes_probe_steps{args.steps}{suffix}.json")
     if args.report:
         if not os.path.exists(path):
@@ -124,15 +127,15 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         where = os.path.join(args.out, "runs", "shapes_study", f"steps{args.steps}{suffix}", f"seed{seed}")
         done = [arm for arm in args.arms if study.finished(study.run_dir(where, arm))]
-        if "gen0" not in done:
+        if not done:
             continue
         rows[str(seed)] = {arm: probe(where, arm, seed, args.n_per_class) for arm in done}
         rows[str(seed)]["data"] = cifar_demo.sample_stats(*data_draws(seed, args.n_per_class))
     if not rows:
-        p.error(f"no trained gen0 arm under {args.out}/runs/shapes_study/steps{args.steps}{suffix}; "
-                "run experiments/shapes_study.py first")
-    record = {"steps": args.steps, "net": args.net, "n_per_class": args.n_per_class, "s": list(S),
-              "rows": rows, "env": am.environment()}
+        p.error(f"no trained arm of {', '.join(args.arms)} under "
+                f"{args.out}/runs/shapes_study/steps{args.steps}{suffix}; run shapes_study.py first")
+    record = {"steps": args.steps, "net": args.net, "batch": args.batch, "n_per_class": args.n_per_class,
+              "s": list(S), "rows": rows, "env": am.environment()}
     study.write_record(path, record)
     print(table(record) + f"\n\nwrote {path}")
     return record
