@@ -2226,16 +2226,17 @@ def test_cifar_preset_is_the_best_measured_330s_recipe():
         assert 320 < best["train_seconds_total"] < 340
     ours = [r["fid10k"] for r in merged["runs"] if r["recipe"] == budget.preset_recipe() and r["minutes"] == 5.5]
     assert len(ours) >= 3
-    quoted = [f"**{statistics.mean(f[k] for f in ours):.1f}** ± {statistics.stdev(f[k] for f in ours):.1f}"
+    quoted = [f"{statistics.mean(f[k] for f in ours):.1f} ± {statistics.stdev(f[k] for f in ours):.1f}"
               for k in ("1", "2")]
-    readme = " ".join(open(os.path.join(HERE, "README.md")).read().split())   # lines joined
-    assert f"{quoted[0]} at 1 NFE and {quoted[1]} at 2 NFE" in readme
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert f"| 5.5 min: {len(ours)} runs, controls 3 | {quoted[0]} | {quoted[1]} |" in readme
 
 
 def test_readme_shows_the_fid_curve_and_quotes_its_longest_point():
-    """The README embeds assets/cifar_fid_vs_time.png and quotes, from results/cifar_budget.json,
-    the FID-10k and FID-50k of the curve's longest run and, where one was run, the FID-10k of its
-    no-term control (the run of the same name with `_gen0`), at 1 and 2 NFE."""
+    """The README embeds assets/cifar_fid_vs_time.png and its table's row for the curve's longest
+    run quotes, from results/cifar_budget.json, that run's FID-10k and FID-50k at 1 and 2 NFE, the
+    FID-10k of its no-term control (the run of the same name with `_gen0`) or "not measured", and
+    flow matching's Euler 50 at the same time."""
     budget = _experiment("cifar_budget")
     merged = json.load(open(budget.MERGED))
     readme = " ".join(open(os.path.join(HERE, "README.md")).read().split())   # lines joined
@@ -2247,12 +2248,10 @@ def test_readme_shows_the_fid_curve_and_quotes_its_longest_point():
     stem, minutes = run["name"].rsplit("_", 1)
     control = runs.get(f"{stem}_gen0_{minutes}")
     assert run["fid50k"] is not None
-    quoted = (f"`--minutes {run['minutes']:g}` (one run, {run['gpu'].removeprefix('NVIDIA ').split()[0]}) "
-              f"the preset reaches **{run['fid10k']['1']:.1f}** / **{run['fid10k']['2']:.1f}** (FID-50k "
-              f"{run['fid50k']['1']:.1f} / {run['fid50k']['2']:.1f})")
-    if control:
-        quoted += f", no term {control['fid10k']['1']:.1f} / {control['fid10k']['2']:.1f}"
-    assert quoted in readme
+    no_term = f"{control['fid10k']['1']:.1f} / {control['fid10k']['2']:.1f}" if control else "not measured"
+    row = (f"| {run['minutes']:g} min, 1 run | {run['fid10k']['1']:.1f} (FID-50k {run['fid50k']['1']:.1f}) | "
+           f"{run['fid10k']['2']:.1f} ({run['fid50k']['2']:.1f}) | {no_term} | | {longest['fm_euler50']:.1f} |")
+    assert row in readme and f"one {run['gpu'].removeprefix('NVIDIA ').split()[0]} (`--minutes M`" in readme
 
 
 def test_toy_tuning_script_at_test_size(tmp_path):
