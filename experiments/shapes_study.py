@@ -4,7 +4,7 @@
     python experiments/shapes_study.py --report     # the table of the committed record
     python experiments/shapes_study.py --steps 6000 --seeds 3 4   # its own record: ..._steps6000_seeds3-4
     python experiments/shapes_study.py --pool results/shapes_study*.json   # every record, seeds joined
-                                                    # (of one network: --net, default the tiny 64x2)
+                                                    # (of one network and batch: --net, --batch)
     python experiments/shapes_study.py --pool results/shapes_study*.json --figure assets/shapes_lengths.png
     python experiments/shapes_study.py --steps 24000 --seeds 0 1 --arms gen0 apex consistency
                                                     # some arms only, trained in the order given
@@ -43,7 +43,7 @@ Runs go to OUT/runs/shapes_study (a finished run is reused); the record to
 OUT/results/shapes_study.json (OUT: the repository; --fast: runs/fast). --net DIMxDEPTH trains
 every stage with another network (DIM / 32 heads, as the tiny preset's 64x2 has 2): its runs and
 its record carry `_netDIMxDEPTH` in their names. --batch B trains the APEX stages at batch B (the
-flow stage keeps the tiny preset's 64, so the teacher is the batch-64 runs' own): `_bB` in the names.
+flow stage keeps the tiny preset's 64, trained as the batch-64 runs' teacher is): `_bB` in the names.
 """
 import argparse
 import concurrent.futures
