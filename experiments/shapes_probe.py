@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=ROOT, help="root of runs/ and results/ (default: the repository)")
     p.add_argument("--report", action="store_true", help="print the committed record's table, no probe")
     args = p.parse_args(argv)
-    suffix = study.net_suffix(p, args.net) + study.batch_suffix(args.batch)
+    suffix = study.run_suffix(p, args.net, args.batch)
     path = os.path.join(args.out, "results", f"shapes_probe_steps{args.steps}{suffix}.json")
     if args.report:
         if not os.path.exists(path):

@@ -168,15 +168,12 @@ def run_dir(where: str, arm: str) -> str:  # a seed's folder, then one per arm (
     return os.path.join(where, arm.replace("/", "_"))
 
 
-def net_suffix(parser, net: str) -> str:   # --net: "" for the tiny preset's network, else _netDxL
+def run_suffix(parser, net: str, batch: int) -> str:
+    """--net, --batch: "" for the tiny preset's network and batch, else _netDxL and _bB."""
     parts = net.split("x")
     if len(parts) != 2 or not all(n.isdigit() and int(n) > 0 for n in parts) or int(parts[0]) % 32:
         parser.error(f"--net {net}: DIMxDEPTH, DIM a multiple of 32, e.g. 128x2")
-    return "" if net == NET else f"_net{net}"
-
-
-def batch_suffix(batch: int) -> str:   # --batch: "" for the tiny preset's batch, else _bB
-    return "" if batch == BATCH else f"_b{batch}"
+    return ("" if net == NET else f"_net{net}") + ("" if batch == BATCH else f"_b{batch}")
 
 
 def finished(out_dir: str) -> bool:  # the run reached its --max-steps
@@ -373,7 +370,7 @@ def main(argv=None) -> dict:
     sizes = (args.n_per_class, args.euler_steps, args.workers)
     if min(args.steps) < 10 or min(sizes) < 1 or min(args.seeds) < 0 or args.batch < 8:
         p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0, --batch >= 8")
-    args.suffix = net_suffix(p, args.net) + batch_suffix(args.batch)
+    args.suffix = run_suffix(p, args.net, args.batch)
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
     stem = "shapes_study"   # other lengths or seeds: their own record, e.g. shapes_study_steps6000_seeds3-4
     if not args.fast and (args.steps, args.seeds) != ([1500, 6000], [0, 1, 2]):
