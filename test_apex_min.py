@@ -2169,12 +2169,14 @@ def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys, mo
 def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(tmp_path, monkeypatch):
     """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
     and flow stage; the curve pairs each run of the cifar preset's recipe (not another share) with
-    the `fm` run of the same minutes; MFU is step_flops * img/s / peak, on the peak's GPU only."""
+    the `fm` run of the same minutes and with the mean of the runs without the term (`gen0`: not
+    the schedule-only control, not another share); MFU is step_flops * img/s / peak, on the peak's
+    GPU only."""
     budget = _experiment("cifar_budget")
     monkeypatch.setattr(budget, "RECORDS", str(tmp_path))
-    def record(objective, minutes, fid, flow_minutes=None, euler=None, own_flow=True, gpu="G"):
+    def record(objective, minutes, fid, flow_minutes=None, euler=None, own_flow=True, gpu="G", **over):
         cfg = dataclasses.asdict(apex_min.Config(**{**apex_min.PRESETS["cifar"], "objective": objective,
-                                                     "minutes": minutes}))
+                                                     "minutes": minutes, **over}))
         scores = {"1 NFE": {"fid": fid}, "2 NFE": {"fid": fid / 2}, **({"Euler 50": {"fid": euler}} if euler else {})}
         out = {"config": cfg, "env": {"gpu": gpu}, "fid": {"fid": scores},
                "summary": {"img_per_s_mean": 1000.0, "train_seconds": 60 * minutes, "step": 10}}
@@ -2189,13 +2191,17 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
                       ("fm_5.5min", record("fm", 5.5, 300.0, euler=45.0)),
                       ("fm_11min", record("fm", 11, 250.0, euler=30.0)),
                       ("shared_5.5min", record("apex", 5.5 * (1 - share), 35.0, 5.5 * share, own_flow=False)),
-                      ("b_fm_other_gpu_5.5min", record("fm", 5.5, 200.0, euler=40.0, gpu="H"))):
+                      ("b_fm_other_gpu_5.5min", record("fm", 5.5, 200.0, euler=40.0, gpu="H")),
+                      *((f"{name}_5.5min", record("apex", 5.5 * (1 - f), fid, 5.5 * f, gen_weight=0.0,
+                                                   polish_from=p)) for name, fid, f, p in (
+                          ("g1", 50.0, share, 0.0), ("g2", 54.0, share, 0.0), ("g_split", 10.0, 0.5, 0.0),
+                          ("g_polish", 10.0, share, 0.8)))):
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
     merged = budget.merge(peak=500.0, peak_gpu="G")
     (curve,) = merged["curve"]
     assert curve == {"minutes": 5.5, "recipe": curve["recipe"], "run": "curve_5.5min", "gpu": "G",
                      "fid10k": {"1": 40.0, "2": 20.0}, "fm_euler50": 45.0, "fm_nfe1": 300.0,
-                     "fm_gpu": "G"}
+                     "fm_gpu": "G", "gen0": {"1": 52.0, "2": 26.0, "runs": ["g1_5.5min", "g2_5.5min"]}}
     assert curve["recipe"] == budget.preset_recipe()
     assert curve["recipe"].startswith(f"flow_share={share:g} objective=apex lr_schedule=cosine")
     run = next(r for r in merged["runs"] if r["name"] == "curve_5.5min")

@@ -5,8 +5,10 @@
 
 Every record is a run (`runs`). The curve joins, at each budget, the run of the cifar preset's
 recipe (what `python apex_min.py --dataset cifar` trains; the first by name where several share
-a budget) with the flow-matching run at the same minutes (its Euler-50 and 1-NFE FID). A
-record's budget is the MINUTES of its name. MFU is the step's analytic FLOPs
+a budget) with the flow-matching run at the same minutes (its Euler-50 and 1-NFE FID) and, as
+`gen0`, the mean FID-10k of the runs of that budget without the term (`--gen-weight 0
+--polish-from 0`, the preset's flow share): the term's control against time. A record's budget
+is the MINUTES of its name. MFU is the step's analytic FLOPs
 (cifar_demo.step_flops) times the mean img/s of the run's last stage, over the bf16 peak measured
 on the same kind of GPU (--peak-tflops, default the peak in results/speed/profile_apex.json);
 a run on another kind of GPU gets none. Each curve point names its GPU and that of its flow
@@ -60,6 +62,14 @@ def preset_recipe() -> str:  # the recipe of `python apex_min.py --dataset cifar
     return recipe(dataclasses.asdict(cfg), cfg.flow_share)
 
 
+def no_term(runs: list, minutes: float):  # the mean of the runs without the term at that budget
+    head = preset_recipe().split(" polish_from=")[0] + " polish_from=0.0 "
+    found = [r for r in runs if r["minutes"] == minutes and r["recipe"].startswith(head)
+             and r["recipe"].endswith(" gen_weight=0.0")]
+    return found and {**{k: round(sum(r["fid10k"][k] for r in found) / len(found), 2) for k in ("1", "2")},
+                      "runs": [r["name"] for r in found]} or None
+
+
 def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak (None: all)
     runs = [run_row(name.removesuffix(".json"), json.load(open(os.path.join(RECORDS, name))), peak,
                     peak_gpu) for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")]
@@ -73,7 +83,8 @@ def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak 
         f = min(fm, key=lambda x: x["gpu"] != r["gpu"]) if fm else None     # same GPU first
         curve.append({"minutes": m, "recipe": r["recipe"], "run": r["name"], "gpu": r["gpu"],
                       "fid10k": r["fid10k"], "fm_euler50": f and f["fm_euler50"],
-                      "fm_nfe1": f and f["fid10k"]["1"], "fm_gpu": f and f["gpu"]})
+                      "fm_nfe1": f and f["fid10k"]["1"], "fm_gpu": f and f["gpu"],
+                      "gen0": no_term(runs, m)})
     return {"runs": runs, "curve": curve, "peak_bf16_tflops": peak, "peak_gpu": peak_gpu}
 
 
@@ -86,6 +97,8 @@ def plot(merged: dict, path: str = FIGURE) -> None:
     minutes = [p["minutes"] for p in curve]
     for label, values, style in (("APEX, 1 NFE", [p["fid10k"]["1"] for p in curve], "o-"),
                                  ("APEX, 2 NFE", [p["fid10k"]["2"] for p in curve], "s-"),
+                                 ("APEX without the term, 1 NFE",
+                                  [p["gen0"] and p["gen0"]["1"] for p in curve], "o:"),
                                  ("flow matching, Euler 50", [p["fm_euler50"] for p in curve], "^--"),
                                  ("flow matching, 1 NFE", [p["fm_nfe1"] for p in curve], "v:")):
         points = [(m, v) for m, v in zip(minutes, values) if v is not None]
