@@ -2170,7 +2170,8 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
     and flow stage; the curve pairs each run of the cifar preset's recipe (not another share) with
     the `fm` run of the same minutes and with the mean of the runs without the term (`gen0`: not
-    the schedule-only control, not another share); MFU is step_flops * img/s / peak, on the peak's
+    the schedule-only control, not another share); a run's teacher FID comes from its record
+    (TEACHER=1) or from teachers/NAME_flow.json; MFU is step_flops * img/s / peak, on the peak's
     GPU only."""
     budget = _experiment("cifar_budget")
     monkeypatch.setattr(budget, "RECORDS", str(tmp_path))
@@ -2196,8 +2197,15 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
                                                    polish_from=p)) for name, fid, f, p in (
                           ("g1", 50.0, share, 0.0), ("g2", 54.0, share, 0.0), ("g_split", 10.0, 0.5, 0.0),
                           ("g_polish", 10.0, share, 0.8)))):
+        if name == "g1_5.5min":
+            rec["fid_teacher"] = {"fid": {"Euler 50": {"fid": 33.333}}}
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    (tmp_path / "teachers").mkdir()
+    (tmp_path / "teachers" / "g2_flow.json").write_text(json.dumps({"fid": {"Euler 50": {"fid": 44.0}}}))
     merged = budget.merge(peak=500.0, peak_gpu="G")
+    teachers = {r["name"]: r["teacher_euler50"] for r in merged["runs"]}
+    assert teachers["g1_5.5min"] == 33.33 and teachers["g2_5.5min"] == 44.0
+    assert teachers["curve_5.5min"] is None
     (curve,) = merged["curve"]
     assert curve == {"minutes": 5.5, "recipe": curve["recipe"], "run": "curve_5.5min", "gpu": "G",
                      "fid10k": {"1": 40.0, "2": 20.0}, "fm_euler50": 45.0, "fm_nfe1": 300.0,

@@ -8,7 +8,9 @@ recipe (what `python apex_min.py --dataset cifar` trains; the first by name wher
 a budget) with the flow-matching run at the same minutes (its Euler-50 and 1-NFE FID) and, as
 `gen0`, the mean FID-10k of the runs of that budget without the term (`--gen-weight 0
 --polish-from 0`, the preset's flow share): the term's control against time. A record's budget
-is the MINUTES of its name. MFU is the step's analytic FLOPs
+is the MINUTES of its name. A run's `teacher_euler50` is its own flow stage's 50-step Euler FID-10k
+(TEACHER=1 puts it in the record; teachers/NAME_flow.json holds one measured by hand), else
+null. MFU is the step's analytic FLOPs
 (cifar_demo.step_flops) times the mean img/s of the run's last stage, over the bf16 peak measured
 on the same kind of GPU (--peak-tflops, default the peak in results/speed/profile_apex.json);
 a run on another kind of GPU gets none. Each curve point names its GPU and that of its flow
@@ -37,6 +39,12 @@ def recipe(cfg: dict, flow_share: float) -> str:  # the settings that tell the r
     return f"flow_share={flow_share:g} " + " ".join(f"{k}={cfg[k]}" for k in keys)
 
 
+def teacher_euler50(name: str, record: dict):  # the run's own flow stage with 50 Euler steps
+    path = os.path.join(RECORDS, "teachers", f"{name.rsplit('_', 1)[0]}_flow.json")
+    result = record.get("fid_teacher") or (json.load(open(path)) if os.path.exists(path) else None)
+    return round(result["fid"]["Euler 50"]["fid"], 2) if result else None
+
+
 def fids(result: dict, key: str = "fid") -> dict:
     return {nfe: round(result[key]["fid"][f"{nfe} NFE"]["fid"], 2) for nfe in ("1", "2")}
 
@@ -54,6 +62,7 @@ def run_row(name: str, record: dict, peak: float, peak_gpu=None) -> dict:
             "steps": summary["step"], "fid10k": fids(record),
             "fid50k": fids(record, "fid_fid50k") if "fid_fid50k" in record else None,
             "fm_euler50": round(euler["fid"], 2) if (euler := record["fid"]["fid"].get("Euler 50")) else None,
+            "teacher_euler50": teacher_euler50(name, record),
             "img_per_s": img_s, "mfu": round(mfu, 4) if peak_gpu in (None, gpu) else None, "gpu": gpu}
 
 

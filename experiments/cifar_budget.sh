@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CIFAR-10 against training time: train a run to a budget of training minutes (compilation not
 # counted), then FID-10k of its EMA weights at 1 and 2 NFE without guidance (and 50 Euler steps
-# for flow matching); FID50K=1 adds FID-50k (5,000 per class) at 1 and 2 NFE.
+# for flow matching); FID50K=1 adds FID-50k (5,000 per class) at 1 and 2 NFE, TEACHER=1 the
+# 50-step Euler FID-10k of the run's own flow stage (its teacher).
 #   bash experiments/cifar_budget.sh run NAME MINUTES [FLAGS ...]   # apex_min.py --dataset cifar
 # A run that exists is resumed; --minutes counts all of its training, so calling again with more
 # minutes extends a flow-matching run of constant rate (`--objective fm --lr-schedule constant`),
@@ -58,6 +59,12 @@ if [ ! -f $eval_dir/fid_results.json ]; then
     --out $eval_dir | grep FID
 fi
 fids=($eval_dir)
+if [ "${TEACHER:-0}" = 1 ] && [ -f runs/$name/flow/ckpt.pt ]; then
+  teacher=$eval_dir/teacher
+  [ -f $teacher/fid_results.json ] || python cifar_demo.py --ckpt runs/$name/flow/ckpt.pt $FID $DEMO \
+    --nfe 1 --euler-steps 50 --out $teacher | grep FID
+  fids+=($teacher)
+fi
 if [ "${FID50K:-0}" = 1 ]; then
   big=$eval_dir/fid50k
   [ -f $big/fid_results.json ] || python cifar_demo.py --ckpt runs/$name/ckpt.pt $FID $DEMO \
