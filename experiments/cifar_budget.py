@@ -75,8 +75,10 @@ def no_term(runs: list, minutes: float):  # the mean of the runs without the ter
     head = preset_recipe().split(" polish_from=")[0] + " polish_from=0.0 "
     found = [r for r in runs if r["minutes"] == minutes and r["recipe"].startswith(head)
              and r["recipe"].endswith(" gen_weight=0.0")]
-    return found and {**{k: round(sum(r["fid10k"][k] for r in found) / len(found), 2) for k in ("1", "2")},
-                      "runs": [r["name"] for r in found]} or None
+    if not found:
+        return None
+    mean = {k: round(sum(r["fid10k"][k] for r in found) / len(found), 2) for k in ("1", "2")}
+    return {**mean, "runs": [r["name"] for r in found]}
 
 
 def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak (None: all)
