@@ -2168,9 +2168,9 @@ def test_profile_step_measures_a_step_and_names_its_variant(tmp_path, capsys, mo
 
 def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(tmp_path, monkeypatch):
     """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
-    and flow stage; the curve pairs each run of the cifar preset's recipe (not another share) with
-    the `fm` run of the same minutes and with the mean of the runs without the term (`gen0`: not
-    the schedule-only control, not another share); a run's teacher FID comes from its record
+    and flow stage; the curve pairs the mean of the runs of the cifar preset's recipe (not another
+    share; each run's FID under `runs`) with the `fm` run of the same minutes and with the mean of
+    the runs without the term (`gen0`: not the schedule-only control, not another share); a run's teacher FID comes from its record
     (TEACHER=1) or from teachers/NAME_flow.json; MFU is step_flops * img/s / peak, on the peak's
     GPU only."""
     budget = _experiment("cifar_budget")
@@ -2208,7 +2208,8 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     assert teachers["curve_5.5min"] is None
     (curve,) = merged["curve"]
     assert curve == {"minutes": 5.5, "recipe": curve["recipe"], "run": "curve_5.5min", "gpu": "G",
-                     "fid10k": {"1": 40.0, "2": 20.0}, "fm_euler50": 45.0, "fm_nfe1": 300.0,
+                     "fid10k": {"1": 37.5, "2": 18.75}, "fm_euler50": 45.0, "fm_nfe1": 300.0,
+                     "runs": {"curve_5.5min": {"1": 40.0, "2": 20.0}, "shared_5.5min": {"1": 35.0, "2": 17.5}},
                      "fm_gpu": "G", "gen0": {"1": 52.0, "2": 26.0, "runs": ["g1_5.5min", "g2_5.5min"]}}
     assert curve["recipe"] == budget.preset_recipe()
     assert curve["recipe"].startswith(f"flow_share={share:g} objective=apex lr_schedule=cosine")
@@ -2250,9 +2251,9 @@ def test_cifar_preset_is_the_best_measured_330s_recipe():
 
 def test_readme_shows_the_fid_curve_and_quotes_its_longest_point():
     """The README embeds assets/cifar_fid_vs_time.png and its table's row for the curve's longest
-    run quotes, from results/cifar_budget.json, that run's FID-10k and FID-50k at 1 and 2 NFE, the
-    FID-10k of its no-term control (the curve point's `gen0`) or "not measured", and flow
-    matching's Euler 50 at the same time."""
+    point quotes, from results/cifar_budget.json, its FID-10k (one run: with that run's FID-50k) at
+    1 and 2 NFE, the FID-10k of its no-term control (the curve point's `gen0`) or "not measured",
+    and flow matching's Euler 50 at the same time; a point of two runs, their mean and each."""
     budget = _experiment("cifar_budget")
     merged = json.load(open(budget.MERGED))
     readme = " ".join(open(os.path.join(HERE, "README.md")).read().split())   # lines joined
@@ -2260,13 +2261,20 @@ def test_readme_shows_the_fid_curve_and_quotes_its_longest_point():
     assert os.path.exists(budget.FIGURE)
     longest = max(merged["curve"], key=lambda p: p["minutes"])
     runs = {r["name"]: r for r in merged["runs"]}
+    assert list(longest["runs"]) == [longest["run"]]   # one run (else the row's form changes)
     run = runs[longest["run"]]
     control = longest["gen0"]
-    assert run["fid50k"] is not None
+    assert run["fid50k"] is not None and run["fid10k"] == longest["fid10k"]
     no_term = f"{control['1']:.1f} / {control['2']:.1f}" if control else "not measured"
     row = (f"| {run['minutes']:g} min, 1 run | {run['fid10k']['1']:.1f} (FID-50k {run['fid50k']['1']:.1f}) | "
            f"{run['fid10k']['2']:.1f} ({run['fid50k']['2']:.1f}) | {no_term} | | {longest['fm_euler50']:.1f} |")
     assert row in readme and f"one {run['gpu'].removeprefix('NVIDIA ').split()[0]} (`--minutes M`" in readme
+    for point in (p for p in merged["curve"] if len(p["runs"]) == 2):   # two runs: the mean and each
+        each = {k: ", ".join(f"{f[k]:.1f}" for f in point["runs"].values()) for k in ("1", "2")}
+        control = point["gen0"]
+        assert (f"| {point['minutes']:g} min: 2 runs, controls {len(control['runs'])} | "
+                f"{point['fid10k']['1']:.1f} ({each['1']}) | {point['fid10k']['2']:.1f} ({each['2']}) | "
+                f"{control['1']:.1f} / {control['2']:.1f} |") in readme
 
 
 def test_toy_tuning_script_at_test_size(tmp_path):

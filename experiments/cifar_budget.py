@@ -3,9 +3,10 @@
     python experiments/cifar_budget.py collect DIR [DIR ...]   # folders holding NAME_Mmin.json
     python experiments/cifar_budget.py plot                      # assets/cifar_fid_vs_time.png
 
-Every record is a run (`runs`). The curve joins, at each budget, the run of the cifar preset's
-recipe (what `python apex_min.py --dataset cifar` trains; the first by name where several share
-a budget) with the flow-matching run at the same minutes (its Euler-50 and 1-NFE FID) and, as
+Every record is a run (`runs`). The curve joins, at each budget, the runs of the cifar preset's
+recipe (what `python apex_min.py --dataset cifar` trains: their mean FID-10k, each run's under
+`runs`; `run` and `gpu` name the first by name) with the flow-matching run at the same minutes
+(its Euler-50 and 1-NFE FID) and, as
 `gen0`, the mean FID-10k of the runs of that budget without the term (`--gen-weight 0
 --polish-from 0`, the preset's flow share): the term's control against time. A record's budget
 is the MINUTES of its name. A run's `teacher_euler50` is its own flow stage's 50-step Euler FID-10k
@@ -77,8 +78,11 @@ def no_term(runs: list, minutes: float):  # the mean of the runs without the ter
              and r["recipe"].endswith(" gen_weight=0.0")]
     if not found:
         return None
-    mean = {k: round(sum(r["fid10k"][k] for r in found) / len(found), 2) for k in ("1", "2")}
-    return {**mean, "runs": [r["name"] for r in found]}
+    return {**mean(found), "runs": [r["name"] for r in found]}
+
+
+def mean(runs: list) -> dict:   # the mean FID-10k of runs at 1 and 2 NFE
+    return {k: round(sum(r["fid10k"][k] for r in runs) / len(runs), 2) for k in ("1", "2")}
 
 
 def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak (None: all)
@@ -87,15 +91,16 @@ def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak 
     chosen, preset = {}, preset_recipe()
     for r in runs:
         if r["recipe"] == preset:
-            chosen.setdefault(r["minutes"], r)
+            chosen.setdefault(r["minutes"], []).append(r)
     curve = []
-    for m, r in sorted(chosen.items()):   # flow matching of the same minutes, on the same GPU if any
+    for m, rs in sorted(chosen.items()):   # flow matching of the same minutes, on the same GPU if any
+        r = rs[0]
         fm = [x for x in runs if x["recipe"] == "fm" and x["minutes"] == m]   # sorted by name
         f = min(fm, key=lambda x: x["gpu"] != r["gpu"]) if fm else None     # same GPU first
         curve.append({"minutes": m, "recipe": r["recipe"], "run": r["name"], "gpu": r["gpu"],
-                      "fid10k": r["fid10k"], "fm_euler50": f and f["fm_euler50"],
-                      "fm_nfe1": f and f["fid10k"]["1"], "fm_gpu": f and f["gpu"],
-                      "gen0": no_term(runs, m)})
+                      "fid10k": mean(rs), "runs": {x["name"]: x["fid10k"] for x in rs},
+                      "fm_euler50": f and f["fm_euler50"], "fm_nfe1": f and f["fid10k"]["1"],
+                      "fm_gpu": f and f["gpu"], "gen0": no_term(runs, m)})
     return {"runs": runs, "curve": curve, "peak_bf16_tflops": peak, "peak_gpu": peak_gpu}
 
 
@@ -103,11 +108,11 @@ def plot(merged: dict, path: str = FIGURE) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     curve = merged["curve"]
     minutes = [p["minutes"] for p in curve]
-    for label, values, style in (("APEX, 1 NFE", [p["fid10k"]["1"] for p in curve], "o-"),
-                                 ("APEX, 2 NFE", [p["fid10k"]["2"] for p in curve], "s-"),
+    for label, values, style in (("APEX, 1 NFE (mean of its runs)", [p["fid10k"]["1"] for p in curve], "o-"),
+                                 ("APEX, 2 NFE (mean)", [p["fid10k"]["2"] for p in curve], "s-"),
                                  ("APEX without the term, 1 NFE",
                                   [p["gen0"] and p["gen0"]["1"] for p in curve], "o:"),
                                  ("flow matching, Euler 50", [p["fm_euler50"] for p in curve], "^--"),
@@ -115,13 +120,16 @@ def plot(merged: dict, path: str = FIGURE) -> None:
         points = [(m, v) for m, v in zip(minutes, values) if v is not None]
         if points:
             ax.plot(*zip(*points), style, label=label)
+    each = [(p["minutes"], f["1"]) for p in curve if len(p["runs"]) > 1 for f in p["runs"].values()]
+    if each:   # where several runs make a point: each of them
+        ax.plot(*zip(*each), "o", color="C0", alpha=0.35, markersize=4, label="APEX, 1 NFE, each run")
     ax.set(xscale="log", yscale="log", xlabel="training minutes (compilation not counted)",
            ylabel="FID-10k", title="CIFAR-10, one " + " or ".join(sorted(
                {g.removeprefix("NVIDIA ").split()[0] for p in curve for g in (p["gpu"], p["fm_gpu"]) if g})))
     ax.set_xticks(minutes, [f"{m:g}" for m in minutes])
     ax.set_yticks([10, 20, 30, 50, 100, 200, 300], ["10", "20", "30", "50", "100", "200", "300"])
     ax.tick_params(which="minor", labelbottom=False, labelleft=False)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
