@@ -2039,17 +2039,43 @@ def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
 
 def test_collapse_signs_count_term_steps_from_the_switch_on():
     """experiments/collapse_signs.py: the onset is counted from the step the term switches on
-    (`scheduled`), only logs with the term on count, and a run above the floor has no onset."""
+    (`scheduled`), only logs with the term on count, a run above the floor has no onset, and the
+    end gap is the last gap logged."""
     signs = _experiment("collapse_signs").signs
     log = [{"step": k, "fake": f, "gap": g} for k, f, g in
            ((100, 0.01, 0.5), (800, 0.30, 0.2), (900, 0.10, 0.004), (1000, 0.05, 0.002))]
     late = signs({"polish_from": 0.8, "max_steps": 1000}, log)   # on from step 800: 200 term steps
-    assert late == {"term_steps": 200, "onset": 100, "min_fake": 0.05, "min_gap": 0.002}
+    assert late == {"term_steps": 200, "onset": 100, "min_fake": 0.05, "min_gap": 0.002, "end_gap": 0.002}
     throughout = signs({"polish_from": 0.0, "max_steps": 1000}, log)
     assert throughout["term_steps"] == 1000 and throughout["onset"] == 100 and throughout["min_fake"] == 0.01
     healthy = signs({"polish_from": 0.0, "max_steps": 1000}, [dict(r, fake=0.3) for r in log])
     assert healthy["onset"] is None and healthy["min_fake"] == 0.3
+    assert signs({"polish_from": 0.0, "max_steps": 1000}, log[:3])["end_gap"] == 0.004   # the last one
     assert signs({"polish_from": 0.8, "max_steps": 1000}, log[:2])["min_fake"] is None   # none logged on
+
+
+def test_grid_colour_reads_apex_min_grids(tmp_path, capsys):
+    """experiments/grid_colour.py cuts a grid as apex_min.save_outputs writes it (10 a row, padding
+    2) into its images and finds the saturated red ones; a file that is no such grid: one line, exit 2."""
+    from torchvision.utils import save_image
+    grid_colour = _experiment("grid_colour")
+    images = torch.full((100, 3, 32, 32), 0.4)
+    images[:30] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)   # 30 red images
+    images[30:40, :, :12] = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)   # 10 with a red band: 3/8
+    images[40:50, :, :4] = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)    # 10 with a thin one: 1/8
+    save_image(images, tmp_path / "g.png", nrow=10)
+    tiles = grid_colour.tiles(str(tmp_path / "g.png"))
+    assert tiles.shape == (100, 32, 32, 3)
+    found = grid_colour.colour(tiles)
+    assert found["red_images"] == 0.4 and found["red"] == round(0.3 + 0.1 * 12 / 32 + 0.1 * 4 / 32, 4)
+    assert abs(found["mean_rgb"][1] - (0.4 * 0.7 - 0.3 * 0.1 * 16 / 32)) < 0.01   # the bands' g
+    grid_colour.main([str(tmp_path / "g.png"), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "results" / "grid_colour.json").read_text())["rows"][0]["red_images"] == 0.4
+    save_image(images, tmp_path / "eight.png", nrow=8)
+    with pytest.raises(SystemExit) as stop:
+        grid_colour.main([str(tmp_path / "eight.png"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "not a grid of 10" in err and len(err.strip().splitlines()) == 1
 
 
 def test_toy_ladder_table_gives_the_generator_term_alone():

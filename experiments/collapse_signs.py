@@ -9,6 +9,7 @@ runs, and the gap (v_fake - v_real)^2 towards 0. For each run with the term, fro
   term_steps  the steps with the term on (the last 1 - polish_from of the run's steps)
   onset       the term steps until the fake loss was first logged below FLOOR (none: never)
   min_fake    the lowest fake loss, and min_gap the lowest gap, logged while the term was on
+  end_gap     the last gap logged (the CIFAR-10 run whose samples turned red ended higher)
 FLOOR = 0.12: the shapes runs that drew a blank image fell to 0.02-0.05, and every other shapes
 run with the term stayed above 0.23. The runs: every finished arm with the term under
 runs/shapes_study (experiments/shapes_study.py writes them), and every record of
@@ -39,7 +40,8 @@ def signs(config: dict, log: list) -> dict:
     low = [r["step"] - start for r in on if r["fake"] < FLOOR]
     return {"term_steps": config["max_steps"] - start, "onset": low[0] if low else None,
             "min_fake": min((r["fake"] for r in on), default=None),   # None: nothing logged with
-            "min_gap": min((r["gap"] for r in on if "gap" in r), default=None)}   # the term on
+            "min_gap": min((r["gap"] for r in on if "gap" in r), default=None),   # the term on
+            "end_gap": next((r["gap"] for r in reversed(on) if "gap" in r), None)}
 
 
 def runs(out: str):   # (testbed, name, config, log) of every finished run with the term
@@ -59,11 +61,13 @@ def runs(out: str):   # (testbed, name, config, log) of every finished run with 
 
 def table(record: dict) -> str:
     lines = [f"fake loss floor {record['floor']}", "",
-             "| testbed | run | term steps | onset | min fake | min gap |", "|---|---|---|---|---|---|"]
+             "| testbed | run | term steps | onset | min fake | min gap | end gap |",
+             "|---|---|---|---|---|---|---|"]
     def cell(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
     lines += [f"| {r['testbed']} | {r['run']} | {r['term_steps']} | {r['onset'] or '-'} | "
-              f"{cell(r['min_fake'], 3)} | {cell(r['min_gap'], 4)} |" for r in record["rows"]]
+              f"{cell(r['min_fake'], 3)} | {cell(r['min_gap'], 4)} | {cell(r.get('end_gap'), 4)} |"
+              for r in record["rows"]]   # end_gap: none in rows kept from before it was measured
     return "\n".join(lines)
 
 

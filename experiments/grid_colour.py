@@ -1,0 +1,73 @@
+"""The colour of a sample grid against CIFAR-10: channel means and the share of saturated red.
+
+    python experiments/grid_colour.py assets/cifar_11min_seed1_nfe1.png --data-dir data
+
+A grid is what apex_min.py writes at the end of a run (runs/NAME/samples_STEP_nfe1.png: 10 rows of
+10 samples of 32x32, a class a row, 2 pixels of padding). For each grid and, with --data-dir
+(the folder holding cifar-10-batches-py/), for the CIFAR-10 training set, this prints:
+  mean rgb    the mean of each channel, in [0, 1]
+  red         the share of saturated red pixels (R > 0.6, G < 0.25 and B < 0.25)
+  red images  the share of images more than a quarter of whose pixels are saturated red
+Record: results/grid_colour.json (a row for each grid, and one for the training set).
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import apex_min as am  # noqa: E402
+
+SIZE, PAD, PER_ROW = 32, 2, 10   # apex_min.save_outputs: save_image(..., nrow=10), padding 2
+
+
+def tiles(path: str) -> np.ndarray:
+    """The images of a grid, (N, 32, 32, 3) in [0, 1]."""
+    from PIL import Image
+    grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+    step = SIZE + PAD
+    rows, cols = (grid.shape[0] - PAD) // step, (grid.shape[1] - PAD) // step
+    if cols != PER_ROW or rows * step + PAD != grid.shape[0] or cols * step + PAD != grid.shape[1]:
+        raise ValueError(f"{grid.shape[1]}x{grid.shape[0]} is not a grid of {PER_ROW} 32x32 images a row")
+    return np.stack([grid[PAD + i * step:PAD + i * step + SIZE, PAD + j * step:PAD + j * step + SIZE]
+                     for i in range(rows) for j in range(cols)])
+
+
+def colour(images: np.ndarray) -> dict:
+    """mean rgb, red and red images (module docstring) of images (N, H, W, 3) in [0, 1]."""
+    r, g, b = images[..., 0], images[..., 1], images[..., 2]
+    red = (r > 0.6) & (g < 0.25) & (b < 0.25)
+    per_image = red.mean(axis=(1, 2))
+    return {"n": len(images), "mean_rgb": [round(float(images[..., c].mean(dtype=np.float64)), 4) for c in range(3)],
+            "red": round(float(red.mean()), 4), "red_images": round(float((per_image > 0.25).mean()), 4)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("grids", nargs="+", help="sample grids written by apex_min.py")
+    p.add_argument("--data-dir", help="folder with cifar-10-batches-py/: adds the training set")
+    p.add_argument("--out", default=ROOT, help="the record goes to OUT/results/grid_colour.json")
+    args = p.parse_args(argv)
+    rows = []
+    for path in args.grids:
+        try:
+            rows.append({"grid": os.path.basename(path), **colour(tiles(path))})
+        except (OSError, ValueError) as e:
+            p.exit(2, f"error: {path}: {e}\n")
+    if args.data_dir:
+        x, _ = am.load_cifar(args.data_dir)
+        rows.append({"grid": "CIFAR-10 training set", **colour(x.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255)})
+    print(f"{'':32} {'n':>6}  {'mean r, g, b':<20} {'red':>7} {'red images':>11}")
+    for row in rows:
+        rgb = ", ".join(f"{v:.3f}" for v in row["mean_rgb"])
+        print(f"{row['grid']:32} {row['n']:>6}  {rgb:<20} {row['red']:>7.4f} {row['red_images']:>11.4f}")
+    os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
+    with open(os.path.join(args.out, "results", "grid_colour.json"), "w") as f:
+        json.dump({"rows": rows, "env": am.environment()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
