@@ -5,17 +5,15 @@
 
 Every record is a run (`runs`). The curve joins, at each budget, the runs of the cifar preset's
 recipe (what `python apex_min.py --dataset cifar` trains: their mean FID-10k, each run's under
-`runs`; `run` and `gpu` name the first by name) with the flow-matching run at the same minutes
-(its Euler-50 and 1-NFE FID) and, as
-`gen0`, the mean FID-10k of the runs of that budget without the term (`--gen-weight 0
---polish-from 0`, the preset's flow share): the term's control against time. A record's budget
-is the MINUTES of its name. A run's `teacher_euler50` is its own flow stage's 50-step Euler FID-10k
-(TEACHER=1 puts it in the record; teachers/NAME_flow.json holds one measured by hand), else
-null. MFU is the step's analytic FLOPs
-(cifar_demo.step_flops) times the mean img/s of the run's last stage, over the bf16 peak measured
-on the same kind of GPU (--peak-tflops, default the peak in results/speed/profile_apex.json);
-a run on another kind of GPU gets none. Each curve point names its GPU and that of its flow
-matching (the same where a run of that GPU exists).
+`runs`; `run` and `gpu` name the first by name) with the flow-matching run at the same minutes (its
+Euler-50 and 1-NFE FID) and, as `gen0`, the mean FID-10k of the runs of that budget without the
+term (`--gen-weight 0 --polish-from 0`, the preset's flow share): the term's control against time.
+A record's budget is the MINUTES of its name. A run's `teacher_euler50` is its own flow stage's
+50-step Euler FID-10k (TEACHER=1 puts it in the record; teachers/NAME_flow.json holds one measured
+by hand), else null. MFU is the step's analytic FLOPs (cifar_demo.step_flops) times the mean img/s
+of the run's last stage, over the bf16 peak measured on the same kind of GPU (--peak-tflops,
+default the peak in results/speed/profile_apex.json); a run on another kind of GPU gets none. Each
+curve point names its GPU and that of its flow matching (the same where a run of that GPU exists).
 """
 import dataclasses
 import json
@@ -111,7 +109,8 @@ def plot(merged: dict, path: str = FIGURE) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 4))
     curve = merged["curve"]
     minutes = [p["minutes"] for p in curve]
-    for label, values, style in (("APEX, 1 NFE (mean of its runs)", [p["fid10k"]["1"] for p in curve], "o-"),
+    for label, values, style in (("APEX, 1 NFE (mean of its runs)", [p["fid10k"]["1"] for p in curve],
+                                  "o-"),
                                  ("APEX, 2 NFE (mean)", [p["fid10k"]["2"] for p in curve], "s-"),
                                  ("APEX without the term, 1 NFE",
                                   [p["gen0"] and p["gen0"]["1"] for p in curve], "o:"),

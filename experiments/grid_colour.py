@@ -10,7 +10,6 @@ A grid is what apex_min.py writes at the end of a run (runs/NAME/samples_STEP_nf
   red images  the share of images more than a quarter of whose pixels are saturated red
 Record: results/grid_colour.json (a row for each grid, and one for the training set).
 """
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,8 @@ def tiles(path: str) -> np.ndarray:
     step = SIZE + PAD
     rows, cols = (grid.shape[0] - PAD) // step, (grid.shape[1] - PAD) // step
     if cols != PER_ROW or rows * step + PAD != grid.shape[0] or cols * step + PAD != grid.shape[1]:
-        raise ValueError(f"{grid.shape[1]}x{grid.shape[0]} is not a grid of {PER_ROW} 32x32 images a row")
+        raise ValueError(f"{grid.shape[1]}x{grid.shape[0]} pixels is not a grid of {PER_ROW} "
+                         f"32x32 images a row")
     return np.stack([grid[PAD + i * step:PAD + i * step + SIZE, PAD + j * step:PAD + j * step + SIZE]
                      for i in range(rows) for j in range(cols)])
 
@@ -41,12 +41,13 @@ def colour(images: np.ndarray) -> dict:
     r, g, b = images[..., 0], images[..., 1], images[..., 2]
     red = (r > 0.6) & (g < 0.25) & (b < 0.25)
     per_image = red.mean(axis=(1, 2))
-    return {"n": len(images), "mean_rgb": [round(float(images[..., c].mean(dtype=np.float64)), 4) for c in range(3)],
-            "red": round(float(red.mean()), 4), "red_images": round(float((per_image > 0.25).mean()), 4)}
+    means = [round(float(images[..., c].mean(dtype=np.float64)), 4) for c in range(3)]
+    return {"n": len(images), "mean_rgb": means, "red": round(float(red.mean()), 4),
+            "red_images": round(float((per_image > 0.25).mean()), 4)}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = am.OneLineParser(prog="grid_colour.py", description=__doc__.split("\n")[0])
     p.add_argument("grids", nargs="+", help="sample grids written by apex_min.py")
     p.add_argument("--data-dir", help="folder with cifar-10-batches-py/: adds the training set")
     p.add_argument("--out", default=ROOT, help="the record goes to OUT/results/grid_colour.json")
@@ -56,7 +57,7 @@ def main(argv=None):
         try:
             rows.append({"grid": os.path.basename(path), **colour(tiles(path))})
         except (OSError, ValueError) as e:
-            p.exit(2, f"error: {path}: {e}\n")
+            p.error(f"{path}: {e}")
     if args.data_dir:
         x, _ = am.load_cifar(args.data_dir)
         rows.append({"grid": "CIFAR-10 training set", **colour(x.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255)})
