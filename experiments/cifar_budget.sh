@@ -19,7 +19,8 @@
 # again to resume. The record $OUT/NAME_MINUTESmin.json holds config, env, summary
 # (train_seconds_total for two stages), the flow stage's summary, the FIDs and the log;
 # `python experiments/cifar_budget.py collect DIR...` merges the records into
-# results/cifar_budget.json. TINY=1: CPU smoke test (see cifar_common.sh).
+# results/cifar_budget.json; NAME_MINUTESmin_nfe1.png beside each is the run's final 1-NFE grid.
+# TINY=1: CPU smoke test (see cifar_common.sh).
 source "$(dirname "$0")/cifar_common.sh"
 [ "${1:-}" = run ] && [ $# -ge 3 ] || {
   echo "usage: bash experiments/cifar_budget.sh run NAME MINUTES [FLAGS ...]" >&2; exit 2; }
@@ -72,3 +73,5 @@ if [ "${FID50K:-0}" = 1 ]; then
   fids+=($big)
 fi
 record runs/$name $OUT/${name}_${minutes}min.json "${fids[@]}"
+grids=(runs/$name/samples_*_nfe1.png)   # the final 1-NFE grid beside it (experiments/grid_colour.py)
+cp "${grids[-1]}" $OUT/${name}_${minutes}min_nfe1.png
