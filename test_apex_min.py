@@ -2196,9 +2196,9 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
     and flow stage; the curve pairs the mean of the runs of the cifar preset's recipe (not another
     share; each run's FID under `runs`) with the `fm` run of the same minutes and with the mean of
-    the runs without the term (`gen0`: not the schedule-only control, not another share); a run's teacher FID comes from its record
-    (TEACHER=1) or from teachers/NAME_flow.json; MFU is step_flops * img/s / peak, on the peak's
-    GPU only."""
+    the runs without the term (`gen0`: not the schedule-only control, not another share); a run's
+    teacher FID comes from its record (TEACHER=1) or from teachers/NAME_flow.json; MFU is
+    step_flops * img/s / peak, on the peak's GPU only."""
     budget = _experiment("cifar_budget")
     monkeypatch.setattr(budget, "RECORDS", str(tmp_path))
     def record(objective, minutes, fid, flow_minutes=None, euler=None, own_flow=True, gpu="G", **over):

@@ -15,6 +15,7 @@ import os
 import sys
 
 import numpy as np
+from einops import rearrange
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,13 +28,13 @@ def tiles(path: str) -> np.ndarray:
     """The images of a grid, (N, 32, 32, 3) in [0, 1]."""
     from PIL import Image
     grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
-    step = SIZE + PAD
+    step = SIZE + PAD   # each image with the padding below and right of it
     rows, cols = (grid.shape[0] - PAD) // step, (grid.shape[1] - PAD) // step
     if cols != PER_ROW or rows * step + PAD != grid.shape[0] or cols * step + PAD != grid.shape[1]:
         raise ValueError(f"{grid.shape[1]}x{grid.shape[0]} pixels is not a grid of {PER_ROW} "
                          f"32x32 images a row")
-    return np.stack([grid[PAD + i * step:PAD + i * step + SIZE, PAD + j * step:PAD + j * step + SIZE]
-                     for i in range(rows) for j in range(cols)])
+    cells = rearrange(grid[PAD:, PAD:], "(r h) (c w) ch -> (r c) h w ch", h=step, w=step)
+    return cells[:, :SIZE, :SIZE]
 
 
 def colour(images: np.ndarray) -> dict:
@@ -60,7 +61,8 @@ def main(argv=None):
             p.error(f"{path}: {e}")
     if args.data_dir:
         x, _ = am.load_cifar(args.data_dir)
-        rows.append({"grid": "CIFAR-10 training set", **colour(x.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255)})
+        x = x.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255
+        rows.append({"grid": "CIFAR-10 training set", **colour(x)})
     print(f"{'':32} {'n':>6}  {'mean r, g, b':<20} {'red':>7} {'red images':>11}")
     for row in rows:
         rgb = ", ".join(f"{v:.3f}" for v in row["mean_rgb"])
