@@ -2056,7 +2056,8 @@ def test_collapse_signs_count_term_steps_from_the_switch_on():
 
 def test_grid_colour_reads_apex_min_grids(tmp_path, capsys):
     """experiments/grid_colour.py cuts a grid as apex_min.save_outputs writes it (10 a row, padding
-    2) into its images and finds the saturated red ones; a file that is no such grid: one line, exit 2."""
+    2) into its images, measures their saturation and finds the saturated red ones; a file that is
+    no such grid: one line, exit 2."""
     from torchvision.utils import save_image
     grid_colour = _experiment("grid_colour")
     images = torch.full((100, 3, 32, 32), 0.4)
@@ -2069,6 +2070,9 @@ def test_grid_colour_reads_apex_min_grids(tmp_path, capsys):
     found = grid_colour.colour(tiles)
     assert found["red_images"] == 0.4 and found["red"] == round(0.3 + 0.1 * 12 / 32 + 0.1 * 4 / 32, 4)
     assert abs(found["mean_rgb"][1] - (0.4 * 0.7 - 0.3 * 0.1 * 16 / 32)) < 0.01   # the bands' g
+    assert abs(found["saturation"] - (0.3 + 0.1 * 0.9 * 16 / 32)) < 0.005   # grey 0, red 1, bands 0.9
+    two = torch.tensor([[[[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]]]).numpy()   # (max - min) / max; black: 0
+    assert grid_colour.colour(two)["saturation"] == 0.25
     grid_colour.main([str(tmp_path / "g.png"), "--out", str(tmp_path)])
     assert json.loads((tmp_path / "results" / "grid_colour.json").read_text())["rows"][0]["red_images"] == 0.4
     save_image(images, tmp_path / "eight.png", nrow=8)

@@ -1,11 +1,12 @@
 """The colour of a sample grid against CIFAR-10: channel means and the share of saturated red.
 
-    python experiments/grid_colour.py assets/cifar_11min_seed1_nfe1.png --data-dir data
+    python experiments/grid_colour.py assets/cifar_11min_seed*_nfe1.png --data-dir data
 
 A grid is what apex_min.py writes at the end of a run (runs/NAME/samples_STEP_nfe1.png: 10 rows of
 10 samples of 32x32, a class a row, 2 pixels of padding). For each grid and, with --data-dir
 (the folder holding cifar-10-batches-py/), for the CIFAR-10 training set, this prints:
   mean rgb    the mean of each channel, in [0, 1]
+  saturation  the mean saturation of the pixels, (max - min) / max of their channels (HSV's)
   red         the share of saturated red pixels (R > 0.6, G < 0.25 and B < 0.25)
   red images  the share of images more than a quarter of whose pixels are saturated red
 Record: results/grid_colour.json (a row for each grid, and one for the training set).
@@ -38,12 +39,15 @@ def tiles(path: str) -> np.ndarray:
 
 
 def colour(images: np.ndarray) -> dict:
-    """mean rgb, red and red images (module docstring) of images (N, H, W, 3) in [0, 1]."""
+    """The measures of the module docstring for images (N, H, W, 3) in [0, 1]."""
     r, g, b = images[..., 0], images[..., 1], images[..., 2]
     red = (r > 0.6) & (g < 0.25) & (b < 0.25)
     per_image = red.mean(axis=(1, 2))
     means = [round(float(images[..., c].mean(dtype=np.float64)), 4) for c in range(3)]
-    return {"n": len(images), "mean_rgb": means, "red": round(float(red.mean()), 4),
+    top, low = images.max(axis=-1), images.min(axis=-1)
+    saturation = np.where(top > 0, (top - low) / np.maximum(top, 1e-8), 0.0)
+    return {"n": len(images), "mean_rgb": means, "saturation": round(float(saturation.mean()), 4),
+            "red": round(float(red.mean()), 4),
             "red_images": round(float((per_image > 0.25).mean()), 4)}
 
 
@@ -63,10 +67,11 @@ def main(argv=None):
         x, _ = am.load_cifar(args.data_dir)
         x = x.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255
         rows.append({"grid": "CIFAR-10 training set", **colour(x)})
-    print(f"{'':32} {'n':>6}  {'mean r, g, b':<20} {'red':>7} {'red images':>11}")
+    print(f"{'':32} {'n':>6}  {'mean r, g, b':<20} {'saturation':>10} {'red':>7} {'red images':>11}")
     for row in rows:
         rgb = ", ".join(f"{v:.3f}" for v in row["mean_rgb"])
-        print(f"{row['grid']:32} {row['n']:>6}  {rgb:<20} {row['red']:>7.4f} {row['red_images']:>11.4f}")
+        print(f"{row['grid']:32} {row['n']:>6}  {rgb:<20} {row['saturation']:>10.4f} {row['red']:>7.4f} "
+              f"{row['red_images']:>11.4f}")
     os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
     with open(os.path.join(args.out, "results", "grid_colour.json"), "w") as f:
         json.dump({"rows": rows, "env": am.environment()}, f, indent=1)
