@@ -2283,7 +2283,8 @@ def test_readme_shows_the_fid_curve_and_quotes_its_longest_point():
     """The README embeds assets/cifar_fid_vs_time.png and its table's row for the curve's longest
     point quotes, from results/cifar_budget.json, its FID-10k (one run: with that run's FID-50k) at
     1 and 2 NFE, the FID-10k of its no-term control (the curve point's `gen0`) or "not measured",
-    and flow matching's Euler 50 at the same time; a point of two runs, their mean and each."""
+    and flow matching's Euler 50 at the same time; a point of several runs, their mean and each
+    (the 330-s point, its mean and standard deviation: the test above)."""
     budget = _experiment("cifar_budget")
     merged = json.load(open(budget.MERGED))
     readme = " ".join(open(os.path.join(HERE, "README.md")).read().split())   # lines joined
@@ -2299,11 +2300,15 @@ def test_readme_shows_the_fid_curve_and_quotes_its_longest_point():
     row = (f"| {run['minutes']:g} min, 1 run | {run['fid10k']['1']:.1f} (FID-50k {run['fid50k']['1']:.1f}) | "
            f"{run['fid10k']['2']:.1f} ({run['fid50k']['2']:.1f}) | {no_term} | | {longest['fm_euler50']:.1f} |")
     assert row in readme and f"one {run['gpu'].removeprefix('NVIDIA ').split()[0]} (`--minutes M`" in readme
-    for point in (p for p in merged["curve"] if len(p["runs"]) == 2):   # two runs: the mean and each
+    several = [p for p in merged["curve"] if len(p["runs"]) > 1 and p["minutes"] != 5.5]
+    assert several   # the 11-minute point
+    for point in several:   # the mean and each run
         each = {k: ", ".join(f"{f[k]:.1f}" for f in point["runs"].values()) for k in ("1", "2")}
+        mean = {k: statistics.mean(f[k] for f in point["runs"].values()) for k in ("1", "2")}
+        assert all(abs(mean[k] - point["fid10k"][k]) < 0.006 for k in mean)   # the point: their mean
         control = point["gen0"]
-        assert (f"| {point['minutes']:g} min: 2 runs, controls {len(control['runs'])} | "
-                f"{point['fid10k']['1']:.1f} ({each['1']}) | {point['fid10k']['2']:.1f} ({each['2']}) | "
+        assert (f"| {point['minutes']:g} min: {len(point['runs'])} runs, controls {len(control['runs'])} | "
+                f"{mean['1']:.1f} ({each['1']}) | {mean['2']:.1f} ({each['2']}) | "
                 f"{control['1']:.1f} / {control['2']:.1f} |") in readme
 
 
