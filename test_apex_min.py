@@ -1897,6 +1897,11 @@ def test_shapes_study_script_at_test_size(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     probed = json.loads((tmp_path / "results" / "shapes_probe_steps20.json").read_text())["rows"]["0"]
     assert list(probed) == [*_experiment("shapes_probe").FAKE_ARMS[:4], "data"]   # polish, small_s: untrained
+    one = subprocess.run(probe + ["--n-per-class", "3", "--arms", "apex"], cwd=HERE, env=SUBPROCESS_ENV,
+                         capture_output=True, text=True, timeout=300)   # one arm again: the others stay
+    kept = json.loads((tmp_path / "results" / "shapes_probe_steps20.json").read_text())["rows"]["0"]
+    assert one.returncode == 0 and set(kept) == set(probed) and kept["gen0"] == probed["gen0"]
+    assert list(kept)[-2:] == ["apex", "data"]
     report = subprocess.run(probe + ["--report"], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert report.returncode == 0 and report.stdout.count("| 0 | apex_best |") == 2 and "real_err" in report.stdout
     bad = subprocess.run(probe[:4] + ["40", "--out", str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV,

@@ -18,6 +18,7 @@ and, with the samples noised to s (x_s = (1 - s) x + s z, fixed z), as the gener
              the exact velocity's class dependence, as `class`
 The `data` row: the contrast and spread of draws of the seed's data. Arms still training are left out.
 Record: results/shapes_probe_steps{N}.json (--net, --batch: the study's suffix, e.g. ..._net128x2).
+A record already there, of the same --n-per-class, keeps its rows of the arms not probed this time.
 """
 import json
 import os
@@ -134,6 +135,13 @@ def main(argv=None) -> dict:
     if not rows:
         p.error(f"no trained arm of {', '.join(args.arms)} under "
                 f"{args.out}/runs/shapes_study/steps{args.steps}{suffix}; run shapes_study.py first")
+    old = json.load(open(path)) if os.path.exists(path) else None
+    if old and old["n_per_class"] == args.n_per_class:   # arms probed before and not now stay
+        for seed, arms in old["rows"].items():
+            new = rows.get(seed, {})
+            kept = {arm: r for arm, r in arms.items() if arm != "data" and arm not in new}
+            rows[seed] = {**kept, **new} if new else arms
+        rows = dict(sorted(rows.items(), key=lambda item: int(item[0])))
     record = {"steps": args.steps, "net": args.net, "batch": args.batch, "n_per_class": args.n_per_class,
               "s": list(S), "rows": rows, "env": am.environment()}
     study.write_record(path, record)

@@ -30,7 +30,8 @@ matching for 60% of the steps, as the cifar preset, at rate 3e-3) and from its E
 and, on request (--arms), two that each keep one part of apex_best's form:
   polish       --polish-from 0.8: the late term with the released s ~ U(0, 1)
   small_s      --gen-s-min 0.02 --gen-s-max 0.25: the small-s term on throughout, one-step rows kept
-and small_s/lr3e-4 with its control gen0/lr3e-4: the same from rate 3e-4 (the cifar preset's).
+and small_s/lr3e-4 with its control gen0/lr3e-4: the same from rate 3e-4 (the cifar preset's);
+small_s/enr0 with its control gen0/enr0: the same with no training-time guidance (--enr 0).
 Every model is sampled from the same noise (EMA weights; 1 and 2 NFE, the flow stage with 50 Euler
 steps and with 1) and scored per class against the seed's data, then averaged over the classes:
   sw1        sliced W1 in pixel space (256 fixed directions, images in [-1, 1]): the headline
@@ -67,11 +68,14 @@ ARMS = {"consistency": ["--objective", "consistency"], "gen0": ["--gen-weight", 
         "apex_best": ["--polish-from", "0.8", "--gen-s-min", "0.02", "--gen-s-max", "0.25"],
         "polish": ["--polish-from", "0.8"], "small_s": ["--gen-s-min", "0.02", "--gen-s-max", "0.25"],
         "small_s/lr3e-4": ["--gen-s-min", "0.02", "--gen-s-max", "0.25", "--lr", "3e-4"],
-        "gen0/lr3e-4": ["--gen-weight", "0", "--lr", "3e-4"]}
+        "gen0/lr3e-4": ["--gen-weight", "0", "--lr", "3e-4"],
+        "small_s/enr0": ["--gen-s-min", "0.02", "--gen-s-max", "0.25", "--enr", "0"],
+        "gen0/enr0": ["--gen-weight", "0", "--enr", "0"]}
 FIVE = list(ARMS)[:5]   # the default arms
 PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("gen0", "consistency"),
          ("apex", "consistency"), ("apex_best", "consistency"), ("polish", "polish/gen0"),
-         ("small_s", "gen0"), ("small_s/lr3e-4", "gen0/lr3e-4"))   # d = first - second, per seed
+         ("small_s", "gen0"), ("small_s/lr3e-4", "gen0/lr3e-4"),
+         ("small_s/enr0", "gen0/enr0"), ("small_s/enr0", "small_s"))   # d = first - second, per seed
 METRICS = ("sw1", "atom_rmse", "place_tv", "colour")
 FLOW_SHARE, SIDE, SIZE, CLASSES = 0.6, 16 // 3, 16, 10
 NET, BATCH = "64x2", 64   # the tiny preset's dim and depth, and its batch
