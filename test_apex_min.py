@@ -1376,7 +1376,9 @@ def test_generate_class_major_and_same_noise(monkeypatch):
 def test_sample_stats_see_blank_and_repeated_images():
     y = torch.arange(10).repeat_interleave(4)
     blank = torch.full((40, 3, 32, 32), -0.3)
-    assert cifar_demo.sample_stats(blank, y) == {"contrast": 0.0, "spread": 0.0}
+    assert cifar_demo.sample_stats(blank, y) == {"contrast": 0.0, "spread": 0.0, "saturation": 0.0}
+    red = torch.tensor([1.0, -0.5, -0.5]).view(1, 3, 1, 1).expand(40, 3, 32, 32)   # rgb 1, 0.25, 0.25
+    assert cifar_demo.sample_stats(red, y)["saturation"] == 0.75   # HSV's (max - min) / max
     one = (torch.rand(10, 1, 3, 32, 32) * 2 - 1).expand(10, 4, 3, 32, 32)
     stats = cifar_demo.sample_stats(one.reshape(40, 3, 32, 32), y)   # one image per class: no spread
     assert stats["spread"] == 0.0 and 0.5 < stats["contrast"] < 0.65   # uniform pixels: std 0.577
@@ -2024,7 +2026,7 @@ def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
     stats = cifar_demo.sample_stats(x, y)   # the probe's contrast and spread
     assert stats["contrast"] > 0.2 and stats["spread"] > 0.1
     blank = cifar_demo.sample_stats(torch.full_like(x, -0.8), y)
-    assert blank == {"contrast": 0.0, "spread": 0.0}
+    assert blank == {"contrast": 0.0, "spread": 0.0, "saturation": 0.0}
     cfg = apex_min.Config()
     torch.manual_seed(0)
     net = apex_min.build_model(cfg)
