@@ -2016,6 +2016,36 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_shapes_exact_real_gives_the_generator_term_the_exact_velocity(tmp_path, capsys):
+    """experiments/shapes_exact_real.py: its `velocities` return the network's fake branch and the
+    data's exact velocity (at a training image and small s: z - x); without the study's small_s run
+    it stops with one line; at test size it trains small_s/exact beside small_s and scores both."""
+    exact_real, study = _experiment("shapes_exact_real"), _experiment("shapes_study")
+    data_x, data_y = study.data_distribution(0)
+    cfg = apex_min.Config()
+    torch.manual_seed(0)
+    net = apex_min.build_model(cfg)
+    x, y, z = data_x[:4], data_y[:4], torch.randn(4, 3, 16, 16)
+    s = torch.tensor([0.01, 0.01, 0.02, 0.02])
+    x_s = (1 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * z
+    with torch.no_grad():
+        v_fake, v_real = exact_real.exact_real(data_x, data_y)(net, x_s, s, y, cfg)
+        fake_branch, _ = apex_min.shifted_velocities(net, x_s, s, y, cfg)
+    assert torch.allclose(v_real, z - x, atol=1e-3) and torch.allclose(v_fake, fake_branch, atol=1e-5)
+    with pytest.raises(SystemExit) as stop:
+        exact_real.main(["--fast", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--arms small_s" in err and len(err.strip().splitlines()) == 1
+    done = subprocess.run([sys.executable, "experiments/shapes_study.py", "--fast", "--arms", "small_s", "--out",
+                           str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = exact_real.main(["--fast", "--out", str(tmp_path), "--workers", "1"])   # in this process
+    assert apex_min.training_loss is exact_real.TRAINING_LOSS   # the default loss again
+    assert set(record["rows"]["0"]) == {"small_s", "small_s/exact"}
+    log = (tmp_path / "runs" / "shapes_study" / "steps20" / "seed0" / "small_s_exact" / "log.jsonl")
+    assert log.exists() or (log.parent / "summary.json").exists()
+
+
 def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
     """experiments/shapes_probe.py: contrast and spread are 0 for one blank image repeated and near
     the data's for data; the real branch's class dependence is > 0 for a network that reads the

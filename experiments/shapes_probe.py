@@ -44,15 +44,17 @@ def data_draws(seed: int, n_per_class: int):  # the first n images of each class
     return data_x[pick], data_y[pick]
 
 
-def exact_velocity(x_s, s: float, y, data_x, data_y):
+def exact_velocity(x_s, s, y, data_x, data_y):
     """v* = (x_s - E[x | x_s, y]) / s for the data (data_x, data_y) as the distribution: the
-    posterior over its images of class y, x_s ~ N((1 - s) x, s^2 I)."""
+    posterior over its images of class y, x_s ~ N((1 - s) x, s^2 I). s: a float or one per row."""
+    s = torch.as_tensor(s, dtype=torch.float64, device=x_s.device).expand(len(x_s))
     out = torch.empty_like(x_s)
     for k in y.unique():
-        rows, images = y == k, data_x[data_y == k].flatten(1).double()
-        logits = -torch.cdist(x_s[rows].flatten(1).double(), (1 - s) * images).pow(2) / (2 * s * s)
-        x0 = (torch.softmax(logits, 1) @ images).float().view(-1, *x_s.shape[1:])
-        out[rows] = (x_s[rows] - x0) / s
+        rows, images = y == k, data_x[data_y == k].flatten(1).double().to(x_s.device)
+        x, a = x_s[rows].flatten(1).double(), 1 - s[rows, None]   # |x - a X|^2, row by row
+        d2 = x.pow(2).sum(1, keepdim=True) - 2 * a * (x @ images.T) + a * a * images.pow(2).sum(1)
+        x0 = torch.softmax(-d2 / (2 * s[rows, None] ** 2), 1) @ images
+        out[rows] = ((x - x0) / s[rows, None]).to(x_s.dtype).view(-1, *x_s.shape[1:])
     return out
 
 

@@ -212,11 +212,22 @@ def run_all(jobs: list, workers: int) -> list:  # (out_dir, flags) pairs, `worke
         return list(pool.map(lambda job: train(*job), jobs))
 
 
+def common_flags(net: str) -> list:   # every stage's: logging, checkpoints, the network
+    dim, depth = map(int, net.split("x"))
+    return ["--log-every", "100", "--ckpt-every", "500", "--dim", str(dim), "--depth", str(depth),
+            "--heads", str(dim // 32)]
+
+
+def apex_flags(where: str, steps: int, seed: int, net: str, batch: int, arm: str) -> list:
+    """An APEX stage's flags: from the seed's flow stage, the rest of the steps, the arm's own."""
+    return ["--init-from", f"{where}/flow/ckpt.pt", "--seed", str(seed), "--max-steps",
+            str(steps - round(FLOW_SHARE * steps)), "--lr", LR["apex"], "--lr-schedule", "cosine",
+            *common_flags(net), "--batch-size", str(batch), *ARMS[arm]]
+
+
 def study(args) -> dict:
     start, root = time.time(), os.path.join(args.out, "runs", "shapes_study")
-    dim, depth = map(int, args.net.split("x"))
-    common = ["--log-every", "100", "--ckpt-every", "500", "--dim", str(dim), "--depth", str(depth),
-              "--heads", str(dim // 32)]
+    common = common_flags(args.net)
     where = {(s, seed): os.path.join(root, f"steps{s}{args.suffix}", f"seed{seed}")
              for s in args.steps for seed in args.seeds}
     order = sorted(where, key=lambda key: -key[0])                              # longest first
@@ -224,10 +235,7 @@ def study(args) -> dict:
     run_all([(f"{where[k]}/flow", ["--objective", "fm", "--lr", LR["flow"], "--seed", str(k[1]),
                                    "--max-steps", str(flow_steps[k[0]]), *common]) for k in order],
             args.workers)
-    run_all([(run_dir(where[k], arm),
-              ["--init-from", f"{where[k]}/flow/ckpt.pt", "--seed", str(k[1]), "--max-steps",
-               str(k[0] - flow_steps[k[0]]), "--lr", LR["apex"], "--lr-schedule", "cosine", *common,
-               "--batch-size", str(args.batch), *ARMS[arm]])
+    run_all([(run_dir(where[k], arm), apex_flags(where[k], k[0], k[1], args.net, args.batch, arm))
              for arm in args.arms for k in order], args.workers)   # an arm's seeds together
     jobs = [(f"{run_dir(where[k], arm)}/ckpt.pt", arm == "flow", k[1], args.n_per_class,
              args.euler_steps) for k in order for arm in ("flow", *args.arms)]
