@@ -2016,11 +2016,12 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_shapes_exact_real_gives_the_generator_term_the_exact_velocity(tmp_path, capsys):
-    """experiments/shapes_exact_real.py: its `velocities` return the network's fake branch and the
-    data's exact velocity (at a training image and small s: z - x); without the study's small_s run
-    it stops with one line; at test size it trains small_s/exact beside small_s and scores both."""
-    exact_real, study = _experiment("shapes_exact_real"), _experiment("shapes_study")
+def test_shapes_real_branch_gives_the_generator_term_another_v_real(tmp_path, capsys):
+    """experiments/shapes_real_branch.py: its `velocities` return the network's fake branch and the
+    data's exact velocity (at a training image and small s: z - x), or a frozen network's velocity
+    (the live network's own real branch when it is that network); without the study's small_s run
+    it stops with one line; at test size it trains both arms beside small_s and scores them."""
+    branch, study = _experiment("shapes_real_branch"), _experiment("shapes_study")
     data_x, data_y = study.data_distribution(0)
     cfg = apex_min.Config()
     torch.manual_seed(0)
@@ -2029,21 +2030,23 @@ def test_shapes_exact_real_gives_the_generator_term_the_exact_velocity(tmp_path,
     s = torch.tensor([0.01, 0.01, 0.02, 0.02])
     x_s = (1 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * z
     with torch.no_grad():
-        v_fake, v_real = exact_real.exact_real(data_x, data_y)(net, x_s, s, y, cfg)
-        fake_branch, _ = apex_min.shifted_velocities(net, x_s, s, y, cfg)
+        v_fake, v_real = branch.exact_real(data_x, data_y)(net, x_s, s, y, cfg)
+        fake_branch, real_branch = apex_min.shifted_velocities(net, x_s, s, y, cfg)
+        v_fake2, v_teacher = branch.teacher_real(net)(net, x_s, s, y, cfg)
     assert torch.allclose(v_real, z - x, atol=1e-3) and torch.allclose(v_fake, fake_branch, atol=1e-5)
+    assert torch.allclose(v_teacher, real_branch, atol=1e-5) and torch.equal(v_fake2, v_fake)
     with pytest.raises(SystemExit) as stop:
-        exact_real.main(["--fast", "--out", str(tmp_path)])
+        branch.main(["--fast", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "--arms small_s" in err and len(err.strip().splitlines()) == 1
     done = subprocess.run([sys.executable, "experiments/shapes_study.py", "--fast", "--arms", "small_s", "--out",
                            str(tmp_path)], cwd=HERE, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    record = exact_real.main(["--fast", "--out", str(tmp_path), "--workers", "1"])   # in this process
-    assert apex_min.training_loss is exact_real.TRAINING_LOSS   # the default loss again
-    assert set(record["rows"]["0"]) == {"small_s", "small_s/exact"}
-    log = (tmp_path / "runs" / "shapes_study" / "steps20" / "seed0" / "small_s_exact" / "log.jsonl")
-    assert log.exists() or (log.parent / "summary.json").exists()
+    record = branch.main(["--fast", "--out", str(tmp_path), "--workers", "1"])   # in this process
+    assert apex_min.training_loss is branch.TRAINING_LOSS   # the default loss again
+    assert list(record["rows"]["0"]) == ["small_s", "small_s/exact", "small_s/teacher"]
+    for arm in ("small_s_exact", "small_s_teacher"):
+        assert study.finished(str(tmp_path / "runs" / "shapes_study" / "steps20" / "seed0" / arm))
 
 
 def test_shapes_probe_sees_blank_samples_and_a_branch_blind_to_the_class():
