@@ -78,10 +78,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     path = os.path.join(args.out, "results", "collapse_signs.json")
     if args.report:
-        if not os.path.exists(path):
-            p.error(f"no record at {path}; run the command without --report first")
-        print(table(json.load(open(path))))
-        return {}
+        return study.print_record(p, path, table)
     rows = [{"testbed": testbed, "run": name, **signs(config, log)}
             for testbed, name, config, log in runs(args.out)]
     if not rows:

@@ -120,10 +120,7 @@ def main(argv=None) -> dict:
     suffix = study.run_suffix(p, args.net, args.batch)
     path = os.path.join(args.out, "results", f"shapes_probe_steps{args.steps}{suffix}.json")
     if args.report:
-        if not os.path.exists(path):
-            p.error(f"no record at {path}; run the probe first")
-        print(table(json.load(open(path))))
-        return {}
+        return study.print_record(p, path, table)
     if args.n_per_class < 2:
         p.error("--n-per-class must be >= 2")
     rows = {}

@@ -121,10 +121,7 @@ def main(argv=None) -> dict:
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
     path = os.path.join(args.out, "results", f"shapes_real_branch_steps{args.steps}.json")
     if args.report:
-        if not os.path.exists(path):
-            p.error(f"no record at {path}; run the study first")
-        print(table(json.load(open(path))))
-        return {}
+        return study.print_record(p, path, table)
     where = {seed: os.path.join(args.out, "runs", "shapes_study", f"steps{args.steps}", f"seed{seed}")
              for seed in args.seeds}
     missing = [w for w in where.values() if not study.finished(study.run_dir(w, "small_s"))]

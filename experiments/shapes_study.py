@@ -191,6 +191,13 @@ def write_record(path: str, record: dict) -> None:   # also the probe's and coll
         json.dump(record, f, indent=1)
 
 
+def print_record(parser, path: str, table) -> dict:   # --report of the shapes scripts: no run
+    if not os.path.exists(path):
+        parser.error(f"no record at {path}; run the command without --report first")
+    print(table(json.load(open(path))))
+    return {}
+
+
 def train(out_dir: str, flags: list) -> str:
     """One `python apex_min.py` run (one CPU thread); a finished run is reused. Returns its ckpt."""
     if finished(out_dir):
@@ -418,10 +425,7 @@ def main(argv=None) -> dict:
             print(f"\nwrote {args.figure}")
         return {}
     if args.report:
-        if not os.path.exists(path):
-            p.error(f"no record at {path}; run the study first")
-        print(table(json.load(open(path))))
-        return {}
+        return print_record(p, path, table)
     record = study(args)
     write_record(path, record)
     steps, seed = max(args.steps), args.seeds[0]
