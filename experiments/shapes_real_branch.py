@@ -80,9 +80,9 @@ def train_arm(where: str, seed: int, flags: list, arm: str) -> str:
     return os.path.join(out_dir, "ckpt.pt")
 
 
-def score(ckpt: str, seed: int, n_per_class: int, euler_steps: int) -> dict:
+def score(ckpt: str, seed: int, n_per_class: int) -> dict:
     """The study's scores at 1 and 2 NFE, and the contrast and spread of the one-step samples."""
-    out = study.evaluate(ckpt, False, seed, n_per_class, euler_steps)
+    out = study.evaluate(ckpt, False, seed, n_per_class, euler_steps=0)   # no Euler sampler here
     net, _ = am.model_from_checkpoint(ckpt)
     z, y, g = study.evaluation_noise(n_per_class)
     x = am.sample_fewstep(net, z, y, nfe=1, generator=g).clamp(-1, 1)
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     toy_2d.run_jobs(train_arm, [(where[k], k, flags[k], arm) for arm in arms for k in args.seeds],
                     args.workers)
     scored_arms = ["small_s", *arms]
-    jobs = [(f"{study.run_dir(where[k], arm)}/ckpt.pt", k, args.n_per_class, 50)
+    jobs = [(f"{study.run_dir(where[k], arm)}/ckpt.pt", k, args.n_per_class)
             for k in args.seeds for arm in scored_arms]
     scored = iter(toy_2d.run_jobs(score, jobs, args.workers))
     rows = {str(k): {arm: next(scored) for arm in scored_arms} for k in args.seeds}

@@ -75,7 +75,7 @@ FIVE = list(ARMS)[:5]   # the default arms
 PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("gen0", "consistency"),
          ("apex", "consistency"), ("apex_best", "consistency"), ("polish", "polish/gen0"),
          ("small_s", "gen0"), ("small_s/lr3e-4", "gen0/lr3e-4"),
-         ("small_s/enr0", "gen0/enr0"), ("small_s/enr0", "small_s"))   # d = first - second, per seed
+         ("small_s/enr0", "gen0/enr0"))   # d = first - second, per seed
 METRICS = ("sw1", "atom_rmse", "place_tv", "colour")
 FLOW_SHARE, SIDE, SIZE, CLASSES = 0.6, 16 // 3, 16, 10
 NET, BATCH = "64x2", 64   # the tiny preset's dim and depth, and its batch
