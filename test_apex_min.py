@@ -2298,7 +2298,8 @@ def test_cifar_preset_is_the_best_measured_330s_recipe():
     `cifar_budget.py collect` rebuilds from the per-run records), by 1-NFE FID-10k: its flow share
     that of the best of (at least 3) flow shares, its APEX stage that of the best of (at least 3)
     APEX stages from one flow stage, at seed 0 and at seed 1; the README quotes the mean and
-    standard deviation of every 330-s run of the preset (at least 3) at 1 and 2 NFE."""
+    standard deviation of every 330-s run of the preset (at least 3) at 1 and 2 NFE, and the mean
+    of the no-term controls (the curve point's `gen0`)."""
     budget = _experiment("cifar_budget")
     merged = json.load(open(budget.MERGED))
     assert budget.merge(merged["peak_bf16_tflops"], merged["peak_gpu"]) == merged
@@ -2315,8 +2316,10 @@ def test_cifar_preset_is_the_best_measured_330s_recipe():
     assert len(ours) >= 3
     quoted = [f"{statistics.mean(f[k] for f in ours):.1f} ± {statistics.stdev(f[k] for f in ours):.1f}"
               for k in ("1", "2")]
-    readme = open(os.path.join(HERE, "README.md")).read()
-    assert f"| 5.5 min: {len(ours)} runs, controls 3 | {quoted[0]} | {quoted[1]} |" in readme
+    control = next(p for p in merged["curve"] if p["minutes"] == 5.5)["gen0"]
+    row = (f"| 5.5 min: {len(ours)} runs, controls {len(control['runs'])} | {quoted[0]} | {quoted[1]} | "
+           f"{control['1']:.1f} / {control['2']:.1f} |")
+    assert row in open(os.path.join(HERE, "README.md")).read()
 
 
 def test_readme_shows_the_fid_curve_and_quotes_its_longest_point():
