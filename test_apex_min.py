@@ -1968,9 +1968,10 @@ def test_shapes_study_batch_trains_the_apex_stages_at_that_batch(tmp_path):
 
 def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     """shapes_study.py --pool: a record split by seed into two files gives the table of the whole
-    record again, and so does one split by arm (the flow stage and data rows in both); a seed
-    whose rows differ between two records is one line and exit 2, no table; --figure plots the
-    records, and asks for --pool."""
+    record again, and so does one split by arm (the flow stage and data rows in both); a record
+    whose flow stage of a seed differs from an earlier record's (another teacher) is left out and
+    named; a seed whose other rows differ between two records is one line and exit 2, no table;
+    --figure plots the records, and asks for --pool."""
     study = _experiment("shapes_study")
     whole = json.loads((HERE / "results" / "shapes_study.json").read_text())
     parts = [{"rows": {s: {arm: {k: v for k, v in by_seed.items() if (k == "2") == last}
@@ -1992,6 +1993,13 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     done = subprocess.run(cmd + [str(f) for f in files[:2]], cwd=HERE, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == study.table(whole).strip()
+    done = subprocess.run(cmd + [str(f) for f in files], cwd=HERE, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"of seeds an earlier record has: {files[2]}" in done.stdout
+    assert done.stdout.strip().endswith(study.table(whole).strip())
+    other_arm = json.loads(json.dumps(parts[1]))
+    other_arm["rows"]["1500"]["apex"]["2"]["1"]["sw1"] += 1e-4     # the same flow stage, another apex
+    files[2].write_text(json.dumps(other_arm))
     done = subprocess.run(cmd + [str(f) for f in files], cwd=HERE, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == "" and "in two records that differ" in done.stderr

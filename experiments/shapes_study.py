@@ -308,6 +308,20 @@ def pooled(records: list) -> dict:
                      for s in sorted(rows, key=int)}}
 
 
+def other_teachers(records: dict) -> list:
+    """The records (in the order given) with a seed's flow stage unlike an earlier record's: their arms
+    learnt from another teacher, so they do not pair with the earlier records' arms of that seed."""
+    seen, found = {}, []
+    for name, record in records.items():
+        flows = {(s, seed): row for s, arms in record["rows"].items()
+                 for seed, row in arms.get("flow", {}).items()}
+        if any(seen.get(key, row) != row for key, row in flows.items()):
+            found.append(name)
+        else:
+            seen.update(flows)
+    return found
+
+
 def paired(rows: dict, a: str, b: str, sampler: str, metric: str = "sw1") -> list:
     """d = a - b per seed that ran both arms (rows: one length's arms)."""
     return [rows[a][seed][sampler][metric] - rows[b][seed][sampler][metric]
@@ -415,6 +429,9 @@ def main(argv=None) -> dict:
         if other:
             print(f"left out, of another network or batch than the {kind} (--net, --batch pick them): "
                   f"{', '.join(other)}\n")
+        if again := other_teachers({f: r for f, r in records.items() if f not in other}):
+            print(f"left out, from other flow stages of seeds an earlier record has: {', '.join(again)}\n")
+            other += again
         try:
             rows = pooled([r for f, r in records.items() if f not in other])
         except ValueError as e:
