@@ -4,7 +4,8 @@
     python experiments/shapes_study.py --report     # the table of the committed record
     python experiments/shapes_study.py --steps 6000 --seeds 3 4   # its own record: ..._steps6000_seeds3-4
     python experiments/shapes_study.py --pool results/shapes_study*.json   # every record, seeds joined
-                                                    # (of one network and batch: --net, --batch)
+                                                    # (of one network and batch: --net, --batch;
+                                                    # a seed's other flow stage: left out, named)
     python experiments/shapes_study.py --pool results/shapes_study*.json --figure assets/shapes_lengths.png
     python experiments/shapes_study.py --steps 24000 --seeds 0 1 --arms gen0 apex consistency
                                                     # some arms only, trained in the order given
