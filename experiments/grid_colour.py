@@ -16,11 +16,13 @@ import os
 import sys
 
 import numpy as np
+import torch
 from einops import rearrange
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import apex_min as am  # noqa: E402
+import cifar_demo  # noqa: E402
 
 SIZE, PAD, PER_ROW = 32, 2, 10   # apex_min.save_outputs: save_image(..., nrow=10), padding 2
 
@@ -44,9 +46,9 @@ def colour(images: np.ndarray) -> dict:
     red = (r > 0.6) & (g < 0.25) & (b < 0.25)
     per_image = red.mean(axis=(1, 2))
     means = [round(float(images[..., c].mean(dtype=np.float64)), 4) for c in range(3)]
-    top, low = images.max(axis=-1), images.min(axis=-1)
-    saturation = np.where(top > 0, (top - low) / np.maximum(top, 1e-8), 0.0)
-    return {"n": len(images), "mean_rgb": means, "saturation": round(float(saturation.mean()), 4),
+    x = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1   # sample_stats' [-1, 1], channels first
+    saturation = cifar_demo.sample_stats(x, torch.zeros(len(x)))["saturation"]
+    return {"n": len(images), "mean_rgb": means, "saturation": saturation,
             "red": round(float(red.mean()), 4),
             "red_images": round(float((per_image > 0.25).mean()), 4)}
 
