@@ -2102,6 +2102,29 @@ def test_collapse_signs_count_term_steps_from_the_switch_on():
     assert signs({"polish_from": 0.8, "max_steps": 1000}, log[:2])["min_fake"] is None   # none logged on
 
 
+def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same_flow_stage():
+    """experiments/collapse_signs.py: a CIFAR-10 record's control is the run of the same flow stage
+    and seed without the term (not another seed's, not the term's schedule alone); the lag is the
+    fake loss over the term's steps over the control's at those steps, and a control that did not
+    log them gives no lag."""
+    cs = _experiment("collapse_signs")
+    def record(seed, gen_weight, polish_from, fakes, fid, gap=True):
+        log = [{"step": k, "fake": f, **({"gap": 0.01 * k / 100} if gap and k > 800 else {})}
+               for k, f in zip((800, 900, 1000), fakes)]
+        return {"config": {"seed": seed, "gen_weight": gen_weight, "polish_from": polish_from,
+                           "max_steps": 1000},
+                "flow_stage": {"config": {"out_dir": "runs/a/flow"}, "summary": {"step": 50}},
+                "fid": {"fid": {"1 NFE": {"fid": fid}}}, "log": log}
+    term = record(0, 0.5, 0.8, (0.4, 0.6, 0.9), 40.0)
+    other_seed, schedule = record(1, 0.0, 0.0, (0.1, 0.1, 0.1), 1.0), record(0, 0.0, 0.8, (0.2, 0.2, 0.2), 2.0)
+    control = record(0, 0.0, 0.0, (0.4, 0.5, 0.5), 50.0, gap=False)
+    assert cs.control_of(term, [term, other_seed, schedule]) is None
+    assert cs.control_of(term, [term, other_seed, schedule, control]) is control
+    assert cs.lag(term, control) == pytest.approx({"mean_gap": 0.095, "fake_lag": 1.5, "fid_gain": -10.0})
+    control["log"] = control["log"][:2]                 # the control stopped before step 1000
+    assert cs.lag(term, control) == {}
+
+
 def test_grid_colour_reads_apex_min_grids(tmp_path, capsys):
     """experiments/grid_colour.py cuts a grid as apex_min.save_outputs writes it (10 a row, padding
     2) into its images, measures their saturation and finds the saturated red ones; a file that is

@@ -10,6 +10,13 @@ runs, and the gap (v_fake - v_real)^2 towards 0. For each run with the term, fro
   onset       the term steps until the fake loss was first logged below FLOOR (none: never)
   min_fake    the lowest fake loss, and min_gap the lowest gap, logged while the term was on
   end_gap     the last gap logged (the CIFAR-10 run whose samples turned red ended higher)
+and, for a run whose control is here (the same flow stage and seed without the term: the shapes'
+gen0 arm, CIFAR-10's record with `--gen-weight 0 --polish-from 0`), how far its fake branch lags
+behind the generator:
+  mean_gap    the mean gap logged while the term was on
+  fake_lag    the mean fake loss logged while the term was on, over the control's at the same steps
+              (1: the fake branch follows the generator the term moves as closely as without it)
+  fid_gain    CIFAR-10: the run's 1-NFE FID-10k minus its control's (below 0: the term helps)
 FLOOR = 0.12: the shapes runs that drew a blank image fell to 0.02-0.05, and every other shapes
 run with the term stayed above 0.23. The runs: every finished arm with the term under
 runs/shapes_study (experiments/shapes_study.py writes them), and every record of
@@ -44,30 +51,67 @@ def signs(config: dict, log: list) -> dict:
             "end_gap": next((r["gap"] for r in reversed(on) if "gap" in r), None)}
 
 
-def runs(out: str):   # (testbed, name, config, log) of every finished run with the term
+def lag(record: dict, control: dict) -> dict:
+    """A run's term steps against its control's at the same steps; each a dict of config, log and,
+    for a cifar_budget record, fid."""
+    config = record["config"]
+    start = math.ceil(config["polish_from"] * config["max_steps"])
+    on = [r for r in record["log"] if r["step"] > start and "gap" in r]
+    steps = {r["step"] for r in on}
+    theirs = [r["fake"] for r in control["log"] if r["step"] in steps]
+    if not on or len(theirs) < len(on):
+        return {}
+    out = {"mean_gap": round(sum(r["gap"] for r in on) / len(on), 5),
+           "fake_lag": round(sum(r["fake"] for r in on) / sum(theirs), 4)}
+    if "fid" in record:
+        out["fid_gain"] = round(record["fid"]["fid"]["1 NFE"]["fid"] - control["fid"]["fid"]["1 NFE"]["fid"], 2)
+    return out
+
+
+def control_of(record: dict, records: list):   # the same flow stage and seed, without the term
+    def stage(r):
+        flow = r.get("flow_stage")
+        return flow and (flow["config"]["out_dir"], flow["summary"]["step"], r["config"]["seed"])
+    return next((r for r in records if stage(record) and stage(r) == stage(record)
+                 and r["config"]["gen_weight"] == 0 and r["config"]["polish_from"] == 0), None)
+
+
+def runs(out: str):   # (testbed, name, config, log, lag) of every finished run with the term
+    def shapes_run(folder):   # (config, log) of a finished run, else None
+        if not os.path.exists(os.path.join(folder, "summary.json")) or not study.finished(folder):
+            return None
+        path = os.path.join(folder, "log.jsonl")   # none in a run shorter than --log-every
+        log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        return json.load(open(os.path.join(folder, "config.json"))), log
     for summary in sorted(glob.glob(os.path.join(out, "runs", "shapes_study", "*", "*", "*", "summary.json"))):
         folder = os.path.dirname(summary)
-        config = json.load(open(os.path.join(folder, "config.json")))
-        if study.finished(folder) and config["objective"] == "apex" and config["gen_weight"] > 0:
-            path = os.path.join(folder, "log.jsonl")   # none in a run shorter than --log-every
-            log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-            yield "shapes", os.path.relpath(folder, os.path.join(out, "runs", "shapes_study")), config, log
-    for path in sorted(glob.glob(os.path.join(out, "results", "cifar_budget", "*.json"))):
-        record = json.load(open(path))
+        config, log = shapes_run(folder) or ({"objective": None}, [])
+        if config["objective"] == "apex" and config["gen_weight"] > 0:
+            name = os.path.relpath(folder, os.path.join(out, "runs", "shapes_study"))
+            control = shapes_run(os.path.join(os.path.dirname(folder), "gen0"))
+            yield ("shapes", name, config, log,
+                   lag({"config": config, "log": log}, dict(zip(("config", "log"), control))) if control else {})
+    paths = sorted(glob.glob(os.path.join(out, "results", "cifar_budget", "*.json")))
+    records = [json.load(open(path)) for path in paths]
+    for path, record in zip(paths, records):
         config = record["config"]
         if config["objective"] == "apex" and config["gen_weight"] > 0:
-            yield "cifar10", os.path.basename(path).removesuffix(".json"), config, record["log"]
+            control = control_of(record, records)
+            yield ("cifar10", os.path.basename(path).removesuffix(".json"), config, record["log"],
+                   lag(record, control) if control else {})
 
 
 def table(record: dict) -> str:
     lines = [f"fake loss floor {record['floor']}", "",
-             "| testbed | run | term steps | onset | min fake | min gap | end gap |",
-             "|---|---|---|---|---|---|---|"]
+             "| testbed | run | term steps | onset | min fake | min gap | end gap | mean gap | fake lag "
+             "| fid gain |", "|---" * 10 + "|"]
     def cell(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
     lines += [f"| {r['testbed']} | {r['run']} | {r['term_steps']} | {r['onset'] or '-'} | "
-              f"{cell(r['min_fake'], 3)} | {cell(r['min_gap'], 4)} | {cell(r.get('end_gap'), 4)} |"
-              for r in record["rows"]]   # end_gap: none in rows kept from before it was measured
+              f"{cell(r['min_fake'], 3)} | {cell(r['min_gap'], 4)} | {cell(r.get('end_gap'), 4)} | "
+              f"{cell(r.get('mean_gap'), 4)} | {cell(r.get('fake_lag'), 2)} | "
+              f"{cell(r.get('fid_gain'), 2)} |"
+              for r in record["rows"]]   # none in rows kept from before they were measured
     return "\n".join(lines)
 
 
@@ -79,8 +123,8 @@ def main(argv=None) -> dict:
     path = os.path.join(args.out, "results", "collapse_signs.json")
     if args.report:
         return study.print_record(p, path, table)
-    rows = [{"testbed": testbed, "run": name, **signs(config, log)}
-            for testbed, name, config, log in runs(args.out)]
+    rows = [{"testbed": testbed, "run": name, **signs(config, log), **lagging}
+            for testbed, name, config, log, lagging in runs(args.out)]
     if not rows:
         p.error(f"no finished run with the term under {args.out}/runs/shapes_study or "
                 f"{args.out}/results/cifar_budget")
