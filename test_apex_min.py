@@ -2125,6 +2125,25 @@ def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same
     assert cs.lag(term, control) == {}
 
 
+def test_collapse_signs_pairs_a_shapes_arm_with_the_gen0_of_its_variant(tmp_path):
+    """experiments/collapse_signs.py on the shapes: an arm's control is `gen0` of the same seed, or
+    the `gen0` of its variant where the study pairs one (small_s/enr0 with gen0/enr0)."""
+    cs = _experiment("collapse_signs")
+    seed = tmp_path / "runs" / "shapes_study" / "steps1000" / "seed0"
+    def run(folder, gen_weight, fake):
+        (seed / folder).mkdir(parents=True)
+        config = {"objective": "apex", "gen_weight": gen_weight, "polish_from": 0.0, "max_steps": 1000}
+        (seed / folder / "config.json").write_text(json.dumps(config))
+        (seed / folder / "summary.json").write_text(json.dumps({"stop": "max-steps"}))
+        (seed / folder / "log.jsonl").write_text("".join(
+            json.dumps({"step": k, "fake": fake, **({"gap": 0.1} if gen_weight else {})}) + "\n"
+            for k in (500, 1000)))
+    run("small_s", 0.5, 0.3), run("small_s_enr0", 0.5, 0.3), run("gen0", 0.0, 0.2), run("gen0_enr0", 0.0, 0.6)
+    lags = {name: lagging for _, name, _, _, lagging in cs.runs(str(tmp_path))}
+    assert lags["steps1000/seed0/small_s"]["fake_lag"] == 1.5
+    assert lags["steps1000/seed0/small_s_enr0"]["fake_lag"] == 0.5
+
+
 def test_grid_colour_reads_apex_min_grids(tmp_path, capsys):
     """experiments/grid_colour.py cuts a grid as apex_min.save_outputs writes it (10 a row, padding
     2) into its images, measures their saturation and finds the saturated red ones; a file that is

@@ -63,8 +63,9 @@ def lag(record: dict, control: dict) -> dict:
         return {}
     out = {"mean_gap": round(sum(r["gap"] for r in on) / len(on), 5),
            "fake_lag": round(sum(r["fake"] for r in on) / sum(theirs), 4)}
-    if "fid" in record:
-        out["fid_gain"] = round(record["fid"]["fid"]["1 NFE"]["fid"] - control["fid"]["fid"]["1 NFE"]["fid"], 2)
+    if "fid" in record:   # a cifar_budget record
+        fid = [r["fid"]["fid"]["1 NFE"]["fid"] for r in (record, control)]
+        out["fid_gain"] = round(fid[0] - fid[1], 2)
     return out
 
 
@@ -77,20 +78,22 @@ def control_of(record: dict, records: list):   # the same flow stage and seed, w
 
 
 def runs(out: str):   # (testbed, name, config, log, lag) of every finished run with the term
-    def shapes_run(folder):   # (config, log) of a finished run, else None
+    def shapes_run(folder):   # {config, log} of a finished run, else None
         if not os.path.exists(os.path.join(folder, "summary.json")) or not study.finished(folder):
             return None
         path = os.path.join(folder, "log.jsonl")   # none in a run shorter than --log-every
         log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-        return json.load(open(os.path.join(folder, "config.json"))), log
+        return {"config": json.load(open(os.path.join(folder, "config.json"))), "log": log}
+    arms = {study.run_dir("", arm): arm for arm in study.ARMS}   # folder name -> arm
     for summary in sorted(glob.glob(os.path.join(out, "runs", "shapes_study", "*", "*", "*", "summary.json"))):
         folder = os.path.dirname(summary)
-        config, log = shapes_run(folder) or ({"objective": None}, [])
-        if config["objective"] == "apex" and config["gen_weight"] > 0:
+        run = shapes_run(folder)
+        if run and run["config"]["objective"] == "apex" and run["config"]["gen_weight"] > 0:
+            arm = arms.get(os.path.basename(folder))   # its no-term control: gen0 of the same variant
+            control = next((b for a, b in study.PAIRS if a == arm and b.startswith("gen0")), "gen0")
+            control = shapes_run(study.run_dir(os.path.dirname(folder), control))
             name = os.path.relpath(folder, os.path.join(out, "runs", "shapes_study"))
-            control = shapes_run(os.path.join(os.path.dirname(folder), "gen0"))
-            yield ("shapes", name, config, log,
-                   lag({"config": config, "log": log}, dict(zip(("config", "log"), control))) if control else {})
+            yield "shapes", name, run["config"], run["log"], lag(run, control) if control else {}
     paths = sorted(glob.glob(os.path.join(out, "results", "cifar_budget", "*.json")))
     records = [json.load(open(path)) for path in paths]
     for path, record in zip(paths, records):
