@@ -85,14 +85,15 @@ def runs(out: str):   # (testbed, name, config, log, lag) of every finished run 
         log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
         return {"config": json.load(open(os.path.join(folder, "config.json"))), "log": log}
     arms = {study.run_dir("", arm): arm for arm in study.ARMS}   # folder name -> arm
-    for summary in sorted(glob.glob(os.path.join(out, "runs", "shapes_study", "*", "*", "*", "summary.json"))):
+    root = os.path.join(out, "runs", "shapes_study")
+    for summary in sorted(glob.glob(os.path.join(root, "*", "*", "*", "summary.json"))):
         folder = os.path.dirname(summary)
         run = shapes_run(folder)
         if run and run["config"]["objective"] == "apex" and run["config"]["gen_weight"] > 0:
             arm = arms.get(os.path.basename(folder))   # its no-term control: gen0 of the same variant
             control = next((b for a, b in study.PAIRS if a == arm and b.startswith("gen0")), "gen0")
             control = shapes_run(study.run_dir(os.path.dirname(folder), control))
-            name = os.path.relpath(folder, os.path.join(out, "runs", "shapes_study"))
+            name = os.path.relpath(folder, root)
             yield "shapes", name, run["config"], run["log"], lag(run, control) if control else {}
     paths = sorted(glob.glob(os.path.join(out, "results", "cifar_budget", "*.json")))
     records = [json.load(open(path)) for path in paths]
