@@ -40,9 +40,13 @@ import shapes_study as study  # noqa: E402
 FLOOR = 0.12
 
 
+def switch_on(config: dict) -> int:   # the step after which the term is on (`scheduled`)
+    return math.ceil(config["polish_from"] * config["max_steps"])
+
+
 def signs(config: dict, log: list) -> dict:
     """The signs of one run, from its config and its log (a list of logged dicts)."""
-    start = math.ceil(config["polish_from"] * config["max_steps"])   # `scheduled`'s switch-on
+    start = switch_on(config)
     on = [r for r in log if r["step"] > start and "fake" in r]
     low = [r["step"] - start for r in on if r["fake"] < FLOOR]
     return {"term_steps": config["max_steps"] - start, "onset": low[0] if low else None,
@@ -54,8 +58,7 @@ def signs(config: dict, log: list) -> dict:
 def lag(record: dict, control: dict) -> dict:
     """A run's term steps against its control's at the same steps; each a dict of config, log and,
     for a cifar_budget record, fid."""
-    config = record["config"]
-    start = math.ceil(config["polish_from"] * config["max_steps"])
+    start = switch_on(record["config"])
     on = [r for r in record["log"] if r["step"] > start and "gap" in r]
     steps = {r["step"] for r in on}
     theirs = [r["fake"] for r in control["log"] if r["step"] in steps]
@@ -79,7 +82,7 @@ def control_of(record: dict, records: list):   # the same flow stage and seed, w
 
 def runs(out: str):   # (testbed, name, config, log, lag) of every finished run with the term
     def shapes_run(folder):   # {config, log} of a finished run, else None
-        if not os.path.exists(os.path.join(folder, "summary.json")) or not study.finished(folder):
+        if not study.finished(folder):
             return None
         path = os.path.join(folder, "log.jsonl")   # none in a run shorter than --log-every
         log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
