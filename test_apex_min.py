@@ -2103,8 +2103,8 @@ def test_collapse_signs_count_term_steps_from_the_switch_on():
 
 
 def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same_flow_stage():
-    """experiments/collapse_signs.py: a CIFAR-10 record's control is the run of the same flow stage
-    and seed without the term (not another seed's, not the term's schedule alone); the lag is the
+    """experiments/collapse_signs.py: a CIFAR-10 record's control is the run of the same flow stage,
+    seed and guidance without the term (not another seed's, not the term's schedule alone); the lag is the
     fake loss over the term's steps over the control's at those steps, and a control that did not
     log them gives no lag."""
     cs = _experiment("collapse_signs")
@@ -2118,8 +2118,10 @@ def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same
     term = record(0, 0.5, 0.8, (0.4, 0.6, 0.9), 40.0)
     other_seed, schedule = record(1, 0.0, 0.0, (0.1, 0.1, 0.1), 1.0), record(0, 0.0, 0.8, (0.2, 0.2, 0.2), 2.0)
     control = record(0, 0.0, 0.0, (0.4, 0.5, 0.5), 50.0, gap=False)
-    assert cs.control_of(term, [term, other_seed, schedule]) is None
-    assert cs.control_of(term, [term, other_seed, schedule, control]) is control
+    assert _experiment("cifar_budget").control_of(term, [term, other_seed, schedule]) is None
+    assert _experiment("cifar_budget").control_of(term, [term, other_seed, schedule, control]) is control
+    unguided = {**control, "config": {**control["config"], "enr": 0.0}}   # another guidance strength
+    assert _experiment("cifar_budget").control_of(term, [term, unguided]) is None
     assert cs.lag(term, control) == pytest.approx({"mean_gap": 0.095, "fake_lag": 1.5, "fid_gain": -10.0})
     control["log"] = control["log"][:2]                 # the control stopped before step 1000
     assert cs.lag(term, control) == {}
@@ -2290,7 +2292,8 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     """experiments/cifar_budget.py: a two-stage record's budget and flow share come from its name
     and flow stage; the curve pairs the mean of the runs of the cifar preset's recipe (not another
     share; each run's FID under `runs`) with the `fm` run of the same minutes and with the mean of
-    the runs without the term (`gen0`: not the schedule-only control, not another share); a run's
+    the runs without the term (`gen0`: not the schedule-only control, not another share; neither
+    takes a run whose other settings differ from the preset, named in its recipe); a run's
     teacher FID comes from its record (TEACHER=1) or from teachers/NAME_flow.json; MFU is
     step_flops * img/s / peak, on the peak's GPU only."""
     budget = _experiment("cifar_budget")
@@ -2313,6 +2316,9 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
                       ("fm_11min", record("fm", 11, 250.0, euler=30.0)),
                       ("shared_5.5min", record("apex", 5.5 * (1 - share), 35.0, 5.5 * share, own_flow=False)),
                       ("b_fm_other_gpu_5.5min", record("fm", 5.5, 200.0, euler=40.0, gpu="H")),
+                      ("enr0_5.5min", record("apex", 5.5 * (1 - share), 90.0, 5.5 * share, enr=0.0)),
+                      ("g_enr0_5.5min", record("apex", 5.5 * (1 - share), 90.0, 5.5 * share, enr=0.0,
+                                               gen_weight=0.0, polish_from=0.0)),
                       *((f"{name}_5.5min", record("apex", 5.5 * (1 - f), fid, 5.5 * f, gen_weight=0.0,
                                                    polish_from=p)) for name, fid, f, p in (
                           ("g1", 50.0, share, 0.0), ("g2", 54.0, share, 0.0), ("g_split", 10.0, 0.5, 0.0),
@@ -2331,7 +2337,8 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
                      "fid10k": {"1": 37.5, "2": 18.75}, "fm_euler50": 45.0, "fm_nfe1": 300.0,
                      "runs": {"curve_5.5min": {"1": 40.0, "2": 20.0}, "shared_5.5min": {"1": 35.0, "2": 17.5}},
                      "fm_gpu": "G", "gen0": {"1": 52.0, "2": 26.0, "runs": ["g1_5.5min", "g2_5.5min"]}}
-    assert curve["recipe"] == budget.preset_recipe()
+    assert curve["recipe"] == budget.preset_recipe()   # another setting is named: enr0 stays out
+    assert next(r for r in merged["runs"] if r["name"] == "enr0_5.5min")["recipe"].endswith(" enr=0.0")
     assert curve["recipe"].startswith(f"flow_share={share:g} objective=apex lr_schedule=cosine")
     run = next(r for r in merged["runs"] if r["name"] == "curve_5.5min")
     assert run["train_seconds_total"] == 331.0 and run["fid50k"] is None
@@ -2341,6 +2348,31 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     assert run["mfu"] == round(flops * 1000.0 / 500e12, 4)
     assert next(r for r in merged["runs"] if r["name"] == "b_fm_other_gpu_5.5min")["mfu"] is None
     assert budget.merge(peak=500.0)["runs"][1]["mfu"] is not None   # no GPU named: every run
+
+
+def test_cifar_budget_pairs_each_run_with_the_controls_of_its_own_flow_stage(capsys):
+    """experiments/cifar_budget.py pairs: d = run - control at 1 and 2 NFE, grouped by budget, recipe
+    and control (no term, or the term's schedule alone); a control of another flow stage, seed or
+    guidance strength is no control."""
+    budget = _experiment("cifar_budget")
+    def record(fid, seed=0, flow="runs/a/flow", **over):
+        cfg = {**dataclasses.asdict(apex_min.Config(**apex_min.PRESETS["cifar"])), "seed": seed, **over}
+        return {"config": cfg, "fid": {"fid": {"1 NFE": {"fid": fid}, "2 NFE": {"fid": fid / 2}}},
+                "flow_stage": {"config": {"out_dir": flow, "minutes": 3.3}, "summary": {"step": 50}}}
+    records = {"other_5.5min": record(1.0, seed=1, gen_weight=0.0, polish_from=0.0),    # seed 1, flow a
+               "t0_5.5min": record(40.0), "g0_5.5min": record(50.0, gen_weight=0.0, polish_from=0.0),
+               "p0_5.5min": record(44.0, gen_weight=0.0),
+               "t1_5.5min": record(60.0, seed=1, flow="runs/b/flow"),
+               "g1_5.5min": record(56.0, seed=1, flow="runs/b/flow", gen_weight=0.0, polish_from=0.0),
+               "unguided_5.5min": record(30.0, enr=0.0)}
+    rows = budget.pairs(records)
+    assert [(r["minutes"], r["control"], r["recipe"] == budget.preset_recipe()) for r in rows] == [
+        (5.5, "gen0", True), (5.5, "polish_gen0", True)]
+    assert rows[0]["pairs"] == [{"run": "t0_5.5min", "1": -10.0, "2": -5.0},
+                                {"run": "t1_5.5min", "1": 4.0, "2": 2.0}]
+    assert rows[1]["pairs"] == [{"run": "t0_5.5min", "1": -4.0, "2": -2.0}]
+    table = budget.pairs_table(rows)
+    assert "1 NFE   -3.00 +-  9.90 (1/2)" in table and "1 NFE   -4.00 (1/1)" in table
 
 
 def test_cifar_preset_is_the_best_measured_330s_recipe():

@@ -2,6 +2,7 @@
 
     python experiments/cifar_budget.py collect DIR [DIR ...]   # folders holding NAME_Mmin.json
     python experiments/cifar_budget.py plot                      # assets/cifar_fid_vs_time.png
+    python experiments/cifar_budget.py pairs                     # each run with the term - its controls
 
 Every record is a run (`runs`). The curve joins, at each budget, the runs of the cifar preset's
 recipe (what `python apex_min.py --dataset cifar` trains: their mean FID-10k, each run's under
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,11 +33,18 @@ MERGED = os.path.join(ROOT, "results", "cifar_budget.json")
 FIGURE = os.path.join(ROOT, "assets", "cifar_fid_vs_time.png")
 
 
+KEYS = ("objective", "lr_schedule", "polish_from", "gen_s_min", "gen_s_max", "gen_weight")
+BOOKKEEPING = {"preset", "data_dir", "out_dir", "resume", "seed", "device", "max_steps", "minutes",
+               "flow_share", "init_from", "merge_lora", "log_every", "ckpt_every"}
+
+
 def recipe(cfg: dict, flow_share: float) -> str:  # the settings that tell the runs apart
     if cfg["objective"] == "fm":
         return "fm"
-    keys = ("objective", "lr_schedule", "polish_from", "gen_s_min", "gen_s_max", "gen_weight")
-    return f"flow_share={flow_share:g} " + " ".join(f"{k}={cfg[k]}" for k in keys)
+    preset = apex_min.PRESETS["cifar"]                 # any other training setting off the preset
+    other = [k for k, v in dataclasses.asdict(apex_min.Config(**preset)).items()
+             if k in cfg and cfg[k] != v and k not in KEYS and k not in BOOKKEEPING]
+    return f"flow_share={flow_share:g} " + " ".join(f"{k}={cfg[k]}" for k in KEYS + tuple(other))
 
 
 def teacher_euler50(name: str, record: dict):  # the run's own flow stage with 50 Euler steps
@@ -77,6 +86,53 @@ def no_term(runs: list, minutes: float):  # the mean of the runs without the ter
     if not found:
         return None
     return {**mean(found), "runs": [r["name"] for r in found]}
+
+
+def control_of(record: dict, records: list, schedule: bool = False):
+    """The record of the same flow stage, seed and guidance without the term: `--gen-weight 0
+    --polish-from 0`, or with schedule=True the term's schedule alone (`--gen-weight 0`, the run's
+    polish_from). None if it is not among `records`."""
+    def stage(r):
+        flow = r.get("flow_stage")
+        return flow and (flow["config"]["out_dir"], flow["summary"]["step"], r["config"]["seed"],
+                         r["config"].get("enr"))
+    polish = record["config"]["polish_from"] if schedule else 0.0
+    return next((r for r in records if stage(record) and stage(r) == stage(record)
+                 and r["config"]["gen_weight"] == 0 and r["config"]["polish_from"] == polish), None)
+
+
+def pairs(records: dict) -> list:
+    """Every run with the term against its controls of the same flow stage and seed (control_of):
+    one row per budget, recipe and control, with d = run - control in FID-10k at 1 and 2 NFE."""
+    rows = {}
+    for name, record in sorted(records.items()):
+        cfg = record["config"]
+        if cfg["objective"] != "apex" or cfg["gen_weight"] == 0:
+            continue
+        minutes = float(name.rsplit("_", 1)[1].removesuffix("min"))
+        share = record["flow_stage"]["config"]["minutes"] / minutes if "flow_stage" in record else 0.0
+        for kind, schedule in (("gen0", False), ("polish_gen0", True)):
+            control = control_of(record, list(records.values()), schedule)
+            if control is None or (schedule and not cfg["polish_from"]):
+                continue
+            ours, theirs = fids(record), fids(control)
+            row = rows.setdefault((minutes, recipe(cfg, share), kind), [])
+            row.append({"run": name, **{k: round(ours[k] - theirs[k], 2) for k in ours}})
+    return [{"minutes": m, "recipe": r, "control": kind, "pairs": found}
+            for (m, r, kind), found in sorted(rows.items())]
+
+
+def pairs_table(rows: list) -> str:   # d = run - control: mean +- std (runs with d < 0 / runs)
+    def cell(values):
+        spread = f" +- {statistics.stdev(values):5.2f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):+7.2f}{spread} ({sum(v < 0 for v in values)}/{len(values)})"
+    lines = ["d = run - control, FID-10k: mean +- std (runs with d < 0)"]
+    for row in rows:
+        d = [[p[k] for p in row["pairs"]] for k in ("1", "2")]
+        lines += [f"{row['minutes']:5g} min  - {row['control']:11s} 1 NFE {cell(d[0])}  "
+                  f"2 NFE {cell(d[1])}  {row['recipe'].split(' objective=')[1]}",
+                  "           " + ", ".join(f"{p['run']} {p['1']:+.2f} / {p['2']:+.2f}" for p in row["pairs"])]
+    return "\n".join(lines)
 
 
 def mean(runs: list) -> dict:   # the mean FID-10k of runs at 1 and 2 NFE
@@ -142,8 +198,13 @@ def main(argv=None):
     if "--peak-tflops" in argv:
         i = argv.index("--peak-tflops")
         peak, argv = float(argv[i + 1]), argv[:i] + argv[i + 2:]
-    if not argv or argv[0] not in ("collect", "plot") or (argv[0] == "collect" and len(argv) < 2):
-        raise SystemExit("usage: python experiments/cifar_budget.py collect DIR... | plot [--peak-tflops P]")
+    if not argv or argv[0] not in ("collect", "plot", "pairs") or (argv[0] == "collect" and len(argv) < 2):
+        raise SystemExit("usage: python experiments/cifar_budget.py collect DIR... | plot [--peak-tflops P]"
+                         " | pairs")
+    if argv[0] == "pairs":
+        print(pairs_table(pairs({name.removesuffix(".json"): json.load(open(os.path.join(RECORDS, name)))
+                                 for name in os.listdir(RECORDS) if name.endswith(".json")})))
+        return
     if argv[0] == "collect":
         speed = json.load(open(os.path.join(ROOT, "results", "speed", "profile_apex.json")))
         peak, peak_gpu = peak or speed["peak_bf16_tflops"], speed["env"]["gpu"]

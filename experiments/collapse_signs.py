@@ -35,6 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 import apex_min as am  # noqa: E402
+import cifar_budget as budget  # noqa: E402
 import shapes_study as study  # noqa: E402
 
 FLOOR = 0.12
@@ -72,14 +73,6 @@ def lag(record: dict, control: dict) -> dict:
     return out
 
 
-def control_of(record: dict, records: list):   # the same flow stage and seed, without the term
-    def stage(r):
-        flow = r.get("flow_stage")
-        return flow and (flow["config"]["out_dir"], flow["summary"]["step"], r["config"]["seed"])
-    return next((r for r in records if stage(record) and stage(r) == stage(record)
-                 and r["config"]["gen_weight"] == 0 and r["config"]["polish_from"] == 0), None)
-
-
 def runs(out: str):   # (testbed, name, config, log, lag) of every finished run with the term
     def shapes_run(folder):   # {config, log} of a finished run, else None
         if not study.finished(folder):
@@ -103,7 +96,7 @@ def runs(out: str):   # (testbed, name, config, log, lag) of every finished run 
     for path, record in zip(paths, records):
         config = record["config"]
         if config["objective"] == "apex" and config["gen_weight"] > 0:
-            control = control_of(record, records)
+            control = budget.control_of(record, records)
             yield ("cifar10", os.path.basename(path).removesuffix(".json"), config, record["log"],
                    lag(record, control) if control else {})
 
