@@ -7,14 +7,18 @@
 Every record is a run (`runs`). The curve joins, at each budget, the runs of the cifar preset's
 recipe (what `python apex_min.py --dataset cifar` trains: their mean FID-10k, each run's under
 `runs`; `run` and `gpu` name the first by name) with the flow-matching run at the same minutes (its
-Euler-50 and 1-NFE FID) and, as `gen0`, the mean FID-10k of the runs of that budget without the
-term (`--gen-weight 0 --polish-from 0`, the preset's flow share): the term's control against time.
-A record's budget is the MINUTES of its name. A run's `teacher_euler50` is its own flow stage's
-50-step Euler FID-10k (TEACHER=1 puts it in the record; teachers/NAME_flow.json holds one measured
-by hand), else null. MFU is the step's analytic FLOPs (cifar_demo.step_flops) times the mean img/s
-of the run's last stage, over the bf16 peak measured on the same kind of GPU (--peak-tflops,
-default the peak in results/speed/profile_apex.json); a run on another kind of GPU gets none. Each
-curve point names its GPU and that of its flow matching (the same where a run of that GPU exists).
+Euler-50 and 1-NFE FID) and, as `gen0`, the mean FID-10k of the runs of that budget without the term
+(`--gen-weight 0 --polish-from 0`, the preset's flow share): the term's control against time. A
+record's budget is the MINUTES of its name; its recipe names the flow share, the APEX stage's
+schedule and term, and every other training setting off the preset's (e.g. `enr=0.0`). `pairs` sets
+each run with the term against the runs of its flow stage, seed and guidance without it (no term;
+and the term's schedule alone), as d = run - control. A run's `teacher_euler50` is its own flow
+stage's 50-step Euler FID-10k (TEACHER=1 puts it in the record; teachers/NAME_flow.json holds one
+measured by hand), else null. MFU is the step's analytic FLOPs (cifar_demo.step_flops) times the
+mean img/s of the run's last stage, over the bf16 peak measured on the same kind of GPU
+(--peak-tflops, default the peak in results/speed/profile_apex.json); a run on another kind of GPU
+gets none. Each curve point names its GPU and that of its flow matching (the same where a run of
+that GPU exists).
 """
 import dataclasses
 import json

@@ -10,9 +10,9 @@ runs, and the gap (v_fake - v_real)^2 towards 0. For each run with the term, fro
   onset       the term steps until the fake loss was first logged below FLOOR (none: never)
   min_fake    the lowest fake loss, and min_gap the lowest gap, logged while the term was on
   end_gap     the last gap logged (the CIFAR-10 run whose samples turned red ended higher)
-and, for a run whose control is here (the same flow stage and seed without the term: the shapes'
-gen0 arm, CIFAR-10's record with `--gen-weight 0 --polish-from 0`), how far its fake branch lags
-behind the generator:
+and, for a run whose control is here (the same flow stage, seed and guidance without the term:
+the shapes' gen0 arm, CIFAR-10's record with `--gen-weight 0 --polish-from 0`), how far its fake
+branch lags behind the generator:
   mean_gap    the mean gap logged while the term was on
   fake_lag    the mean fake loss logged while the term was on, over the control's at the same steps
               (1: the fake branch follows the generator the term moves as closely as without it)
