@@ -2103,10 +2103,10 @@ def test_collapse_signs_count_term_steps_from_the_switch_on():
 
 
 def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same_flow_stage():
-    """experiments/collapse_signs.py: a CIFAR-10 record's control is the run of the same flow stage,
-    seed and guidance without the term (not another seed's, not the term's schedule alone); the lag is the
-    fake loss over the term's steps over the control's at those steps, and a control that did not
-    log them gives no lag."""
+    """experiments/collapse_signs.py: a CIFAR-10 record's control (cifar_budget.control_of) is the
+    run of the same flow stage, seed and guidance without the term (not another seed's, not the
+    term's schedule alone); the lag is the fake loss over the term's steps over the control's at
+    those steps, and a control that did not log them gives no lag."""
     cs = _experiment("collapse_signs")
     def record(seed, gen_weight, polish_from, fakes, fid, gap=True):
         log = [{"step": k, "fake": f, **({"gap": 0.01 * k / 100} if gap and k > 800 else {})}
@@ -2118,10 +2118,11 @@ def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same
     term = record(0, 0.5, 0.8, (0.4, 0.6, 0.9), 40.0)
     other_seed, schedule = record(1, 0.0, 0.0, (0.1, 0.1, 0.1), 1.0), record(0, 0.0, 0.8, (0.2, 0.2, 0.2), 2.0)
     control = record(0, 0.0, 0.0, (0.4, 0.5, 0.5), 50.0, gap=False)
-    assert _experiment("cifar_budget").control_of(term, [term, other_seed, schedule]) is None
-    assert _experiment("cifar_budget").control_of(term, [term, other_seed, schedule, control]) is control
+    control_of = _experiment("cifar_budget").control_of
+    assert control_of(term, [term, other_seed, schedule]) is None
+    assert control_of(term, [term, other_seed, schedule, control]) is control
     unguided = {**control, "config": {**control["config"], "enr": 0.0}}   # another guidance strength
-    assert _experiment("cifar_budget").control_of(term, [term, unguided]) is None
+    assert control_of(term, [term, unguided]) is None
     assert cs.lag(term, control) == pytest.approx({"mean_gap": 0.095, "fake_lag": 1.5, "fid_gain": -10.0})
     control["log"] = control["log"][:2]                 # the control stopped before step 1000
     assert cs.lag(term, control) == {}
@@ -2350,7 +2351,7 @@ def test_cifar_budget_merge_joins_the_curve_with_flow_matching_at_equal_minutes(
     assert budget.merge(peak=500.0)["runs"][1]["mfu"] is not None   # no GPU named: every run
 
 
-def test_cifar_budget_pairs_each_run_with_the_controls_of_its_own_flow_stage(capsys):
+def test_cifar_budget_pairs_each_run_with_the_controls_of_its_own_flow_stage():
     """experiments/cifar_budget.py pairs: d = run - control at 1 and 2 NFE, grouped by budget, recipe
     and control (no term, or the term's schedule alone); a control of another flow stage, seed or
     guidance strength is no control."""

@@ -51,6 +51,17 @@ def recipe(cfg: dict, flow_share: float) -> str:  # the settings that tell the r
     return f"flow_share={flow_share:g} " + " ".join(f"{k}={cfg[k]}" for k in KEYS + tuple(other))
 
 
+def load_records() -> dict:   # NAME_Mmin -> record, every record in RECORDS by name
+    return {name.removesuffix(".json"): json.load(open(os.path.join(RECORDS, name)))
+            for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")}
+
+
+def budget_share(name: str, record: dict) -> tuple:   # the command's MINUTES, the flow stage's share
+    minutes = float(name.rsplit("_", 1)[1].removesuffix("min"))
+    flow = record["flow_stage"]["config"]["minutes"] if "flow_stage" in record else 0.0
+    return minutes, flow / minutes
+
+
 def teacher_euler50(name: str, record: dict):  # the run's own flow stage with 50 Euler steps
     path = os.path.join(RECORDS, "teachers", f"{name.rsplit('_', 1)[0]}_flow.json")
     result = record.get("fid_teacher") or (json.load(open(path)) if os.path.exists(path) else None)
@@ -64,11 +75,10 @@ def fids(result: dict, key: str = "fid") -> dict:
 def run_row(name: str, record: dict, peak: float, peak_gpu=None) -> dict:
     cfg, summary = record["config"], record["summary"]
     gpu = record["env"]["gpu"]
-    minutes = float(name.rsplit("_", 1)[1].removesuffix("min"))       # the budget of the command
-    flow = record["flow_stage"]["config"]["minutes"] if "flow_stage" in record else 0.0
+    minutes, share = budget_share(name, record)
     img_s = summary["img_per_s_mean"]
     mfu = cifar_demo.step_flops(apex_min.Config(**cfg)) * img_s / (peak * 1e12)
-    return {"name": name, "recipe": recipe(cfg, flow / minutes), "minutes": minutes,
+    return {"name": name, "recipe": recipe(cfg, share), "minutes": minutes,
             "train_seconds_total": summary.get("train_seconds_total", round(summary["train_seconds"] + (
                 record["flow_stage"]["summary"]["train_seconds"] if "flow_stage" in record else 0), 1)),
             "steps": summary["step"], "fid10k": fids(record),
@@ -113,11 +123,11 @@ def pairs(records: dict) -> list:
         cfg = record["config"]
         if cfg["objective"] != "apex" or cfg["gen_weight"] == 0:
             continue
-        minutes = float(name.rsplit("_", 1)[1].removesuffix("min"))
-        share = record["flow_stage"]["config"]["minutes"] / minutes if "flow_stage" in record else 0.0
-        for kind, schedule in (("gen0", False), ("polish_gen0", True)):
+        minutes, share = budget_share(name, record)
+        kinds = [("gen0", False)] + ([("polish_gen0", True)] if cfg["polish_from"] else [])
+        for kind, schedule in kinds:
             control = control_of(record, list(records.values()), schedule)
-            if control is None or (schedule and not cfg["polish_from"]):
+            if control is None:
                 continue
             ours, theirs = fids(record), fids(control)
             row = rows.setdefault((minutes, recipe(cfg, share), kind), [])
@@ -135,7 +145,8 @@ def pairs_table(rows: list) -> str:   # d = run - control: mean +- std (runs wit
         d = [[p[k] for p in row["pairs"]] for k in ("1", "2")]
         lines += [f"{row['minutes']:5g} min  - {row['control']:11s} 1 NFE {cell(d[0])}  "
                   f"2 NFE {cell(d[1])}  {row['recipe'].split(' objective=')[1]}",
-                  "           " + ", ".join(f"{p['run']} {p['1']:+.2f} / {p['2']:+.2f}" for p in row["pairs"])]
+                  " " * 11 + ", ".join(f"{p['run']} {p['1']:+.2f} / {p['2']:+.2f}"
+                                       for p in row["pairs"])]
     return "\n".join(lines)
 
 
@@ -144,8 +155,7 @@ def mean(runs: list) -> dict:   # the mean FID-10k of runs at 1 and 2 NFE
 
 
 def merge(peak: float, peak_gpu=None) -> dict:  # peak_gpu: the GPU of the peak (None: all)
-    runs = [run_row(name.removesuffix(".json"), json.load(open(os.path.join(RECORDS, name))), peak,
-                    peak_gpu) for name in sorted(os.listdir(RECORDS)) if name.endswith(".json")]
+    runs = [run_row(name, record, peak, peak_gpu) for name, record in load_records().items()]
     chosen, preset = {}, preset_recipe()
     for r in runs:
         if r["recipe"] == preset:
@@ -206,8 +216,7 @@ def main(argv=None):
         raise SystemExit("usage: python experiments/cifar_budget.py collect DIR... | plot [--peak-tflops P]"
                          " | pairs")
     if argv[0] == "pairs":
-        print(pairs_table(pairs({name.removesuffix(".json"): json.load(open(os.path.join(RECORDS, name)))
-                                 for name in os.listdir(RECORDS) if name.endswith(".json")})))
+        print(pairs_table(pairs(load_records())))
         return
     if argv[0] == "collect":
         speed = json.load(open(os.path.join(ROOT, "results", "speed", "profile_apex.json")))
