@@ -32,7 +32,9 @@ and, on request (--arms), two that each keep one part of apex_best's form:
   polish       --polish-from 0.8: the late term with the released s ~ U(0, 1)
   small_s      --gen-s-min 0.02 --gen-s-max 0.25: the small-s term on throughout, one-step rows kept
 and small_s/lr3e-4 with its control gen0/lr3e-4: the same from rate 3e-4 (the cifar preset's);
-small_s/enr0 with its control gen0/enr0: the same with no training-time guidance (--enr 0).
+small_s/enr0 with its control gen0/enr0: the same with no training-time guidance (--enr 0),
+and apex/enr0 and apex/enr1 with gen0/enr0 and gen0/enr1: the default term and its control at the
+guidance strengths 0 and 1 (the default is 0.5).
 Every model is sampled from the same noise (EMA weights; 1 and 2 NFE, the flow stage with 50 Euler
 steps and with 1) and scored per class against the seed's data, then averaged over the classes:
   sw1        sliced W1 in pixel space (256 fixed directions, images in [-1, 1]): the headline
@@ -71,12 +73,14 @@ ARMS = {"consistency": ["--objective", "consistency"], "gen0": ["--gen-weight", 
         "small_s/lr3e-4": ["--gen-s-min", "0.02", "--gen-s-max", "0.25", "--lr", "3e-4"],
         "gen0/lr3e-4": ["--gen-weight", "0", "--lr", "3e-4"],
         "small_s/enr0": ["--gen-s-min", "0.02", "--gen-s-max", "0.25", "--enr", "0"],
-        "gen0/enr0": ["--gen-weight", "0", "--enr", "0"]}
+        "gen0/enr0": ["--gen-weight", "0", "--enr", "0"],
+        "apex/enr0": ["--enr", "0"], "apex/enr1": ["--enr", "1"], "gen0/enr1": ["--gen-weight", "0", "--enr", "1"]}
 FIVE = list(ARMS)[:5]   # the default arms
 PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("apex_best", "gen0"),
          ("gen0", "consistency"), ("apex", "consistency"), ("apex_best", "consistency"),
          ("polish", "polish/gen0"), ("small_s", "gen0"), ("small_s/lr3e-4", "gen0/lr3e-4"),
-         ("small_s/enr0", "gen0/enr0"))   # d = first - second, per seed
+         ("small_s/enr0", "gen0/enr0"), ("apex/enr0", "gen0/enr0"),
+         ("apex/enr1", "gen0/enr1"))   # d = first - second, per seed
 METRICS = ("sw1", "atom_rmse", "place_tv", "colour")
 FLOW_SHARE, SIDE, SIZE, CLASSES = 0.6, 16 // 3, 16, 10
 NET, BATCH = "64x2", 64   # the tiny preset's dim and depth, and its batch
