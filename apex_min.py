@@ -57,7 +57,7 @@ class Config:  # one field per flag; the comments are the --help texts (field_he
     objective: str = "apex"       # apex | consistency (apex without fake branch) | fm | paper
     shift_a: float = -0.5         # c_fake = a * c + b, Eq. (9); Table 7's best cell
     shift_b: float = 1.0
-    enr: float = 0.5              # strength of training-time guidance (step 4)
+    enr: float = 0.5              # training-time guidance (step 4): CFG scale 1 / (1 - enr), < 1
     cons_delta: float = 0.01      # d of the consistency target (step 5)
     cons_order: int = 2           # N jumps of the consistency target (step 5)
     robust_c: float = 1e-3        # c of the per-sample robust loss (step 6)
@@ -680,6 +680,10 @@ def setup(cfg: Config) -> SimpleNamespace:
     if cfg.objective == "apex" and rank == 0 and rms < 0.1:
         print(f"warning: the condition shift moves the class embedding by {rms:.3f} RMS (< 0.1); the "
               f"branches start coupled, which diverged on CIFAR-10 (docs/results.md)", file=sys.stderr)
+    if cfg.objective in ("apex", "consistency") and rank == 0 and cfg.enr >= 1:   # step 4's scale
+        print(f"warning: --enr {cfg.enr} >= 1: guidance read from the EMA it trains has no fixed "
+              f"point (scale 1 / (1 - enr)); at 1 it broke the shapes' samples (docs/results.md)",
+              file=sys.stderr)
     trainable = [p for p in net.parameters() if p.requires_grad]
     run = SimpleNamespace(net=net, ema=EMA(net, cfg.ema_decay), trainable=trainable, step=0,
                           train_seconds=0.0, data=data, device=device, rank=rank, world=world, planned=0,

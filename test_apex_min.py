@@ -306,6 +306,18 @@ def test_a_shift_that_barely_moves_the_class_embedding_warns(tmp_path, capsys):
         assert ("warning: the condition shift" in err) == warned and err.count("\n") == warned
 
 
+def test_guidance_without_a_fixed_point_warns(tmp_path, capsys):
+    """Step 4 reads guidance from the EMA it trains: scale 1 / (1 - enr), none at enr >= 1. One
+    warning line there; the default 0.5 (scale 2) and flow matching (no guidance) give none."""
+    for objective, enr, warned in (("apex", 1.0, True), ("consistency", 1.5, True),
+                                   ("apex", 0.5, False), ("fm", 1.0, False)):
+        cfg = apex_min.Config(objective=objective, enr=enr, device="cpu",
+                              out_dir=str(tmp_path / f"{objective}{enr}"))
+        apex_min.setup(cfg)
+        err = capsys.readouterr().err
+        assert ("warning: --enr" in err) == warned and err.count("\n") == warned
+
+
 # ==================================================================================================
 # 4. Interpolant and per-sample losses (the conventions of apex_min's docstring)
 # ==================================================================================================
