@@ -74,7 +74,8 @@ ARMS = {"consistency": ["--objective", "consistency"], "gen0": ["--gen-weight", 
         "gen0/lr3e-4": ["--gen-weight", "0", "--lr", "3e-4"],
         "small_s/enr0": ["--gen-s-min", "0.02", "--gen-s-max", "0.25", "--enr", "0"],
         "gen0/enr0": ["--gen-weight", "0", "--enr", "0"],
-        "apex/enr0": ["--enr", "0"], "apex/enr1": ["--enr", "1"], "gen0/enr1": ["--gen-weight", "0", "--enr", "1"]}
+        "apex/enr0": ["--enr", "0"], "apex/enr1": ["--enr", "1"],
+        "gen0/enr1": ["--gen-weight", "0", "--enr", "1"]}
 FIVE = list(ARMS)[:5]   # the default arms
 PAIRS = (("apex", "gen0"), ("apex_best", "polish/gen0"), ("apex_best", "gen0"),
          ("gen0", "consistency"), ("apex", "consistency"), ("apex_best", "consistency"),
