@@ -2140,6 +2140,35 @@ def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same
     assert cs.lag(term, control) == {}
 
 
+def test_collapse_signs_read_what_the_term_changed_in_the_samples_and_correlate_it():
+    """experiments/collapse_signs.py: a CIFAR-10 run's d_contrast and d_spread are its 1-NFE
+    samples' contrast and spread minus its control's (none where either FID lacks them), and the
+    correlations are Pearson r within each budget and form of the term, with and without the
+    guidance strength, over the rows that have both quantities (3 at least)."""
+    cs = _experiment("collapse_signs")
+    log = [{"step": 900, "fake": 0.4, "gap": 0.01}, {"step": 1000, "fake": 0.5, "gap": 0.02}]
+    def record(fid, contrast, spread, gen_weight=0.5):
+        return {"config": {"polish_from": 0.8, "max_steps": 1000, "gen_weight": gen_weight},
+                "fid": {"fid": {"1 NFE": {"fid": fid, "contrast": contrast, "spread": spread}}}, "log": log}
+    out = cs.lag(record(40.0, 0.38, 0.40), record(50.0, 0.40, 0.42, gen_weight=0.0))
+    assert out == pytest.approx({"mean_gap": 0.015, "fake_lag": 1.0, "fid_gain": -10.0,
+                                 "d_contrast": -0.02, "d_spread": -0.02})
+    bare = record(50.0, 0.4, 0.4)
+    del bare["fid"]["fid"]["1 NFE"]["spread"]
+    assert "d_spread" not in cs.lag(record(40.0, 0.38, 0.40), bare)
+    rows = [{"group": "g", "enr": enr, "fid_gain": gain, "d_spread": spread, "d_contrast": -spread,
+             "fake_lag": 1 + spread} for enr, gain, spread in
+            ((0.5, -10.0, 0.0), (0.5, -5.0, -0.05), (0.5, -8.0, -0.02), (0.0, 3.0, -0.06))]
+    rows += [{"group": "g", "enr": 0.5, "fid_gain": -9.0, "fake_lag": 1.0}, {"run": "shapes"}]
+    lines = cs.correlations(rows).splitlines()
+    r = statistics.correlation([-10.0, -5.0, -8.0, 3.0], [0.0, -0.05, -0.02, -0.06])
+    r5 = statistics.correlation([-10.0, -5.0, -8.0], [0.0, -0.05, -0.02])
+    r_lag = statistics.correlation([-10.0, -5.0, -8.0, 3.0, -9.0], [1.0, 0.95, 0.98, 0.94, 1.0])
+    assert lines[0] == (f"g: r fid_gain~d_spread {r:+.2f} (4), fid_gain~d_contrast {-r:+.2f} (4), "
+                        f"fid_gain~fake_lag {r_lag:+.2f} (5), d_spread~fake_lag +1.00 (4)")
+    assert lines[1].startswith(f"g, enr 0.5: r fid_gain~d_spread {r5:+.2f} (3)") and len(lines) == 2
+
+
 def test_collapse_signs_pairs_a_shapes_arm_with_the_gen0_of_its_variant(tmp_path):
     """experiments/collapse_signs.py on the shapes: an arm's control is `gen0` of the same seed, or
     the `gen0` of its variant where the study pairs one (small_s/enr0 with gen0/enr0)."""

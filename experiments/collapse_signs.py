@@ -17,6 +17,11 @@ branch lags behind the generator:
   fake_lag    the mean fake loss logged while the term was on, over the control's at the same steps
               (1: the fake branch follows the generator the term moves as closely as without it)
   fid_gain    CIFAR-10: the run's 1-NFE FID-10k minus its control's (below 0: the term helps)
+  d_contrast  CIFAR-10: the same difference in its 1-NFE samples' contrast, and d_spread in their
+  d_spread    within-class spread (cifar_demo.sample_stats; below 0: flatter samples, more alike)
+For the CIFAR-10 runs of one budget and one form of the term (polish_from and its `s` range), with
+and without guidance, and for each guidance strength, the output ends with the correlations of
+fid_gain with d_spread, d_contrast and fake_lag, and of d_spread with fake_lag.
 FLOOR = 0.12: the shapes runs that drew a blank image fell to 0.02-0.05, and every other shapes
 run with the term stayed above 0.23. The runs: every finished arm with the term under
 runs/shapes_study (experiments/shapes_study.py writes them), and every record of
@@ -28,6 +33,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,9 +74,33 @@ def lag(record: dict, control: dict) -> dict:
     out = {"mean_gap": round(sum(r["gap"] for r in on) / len(on), 5),
            "fake_lag": round(sum(r["fake"] for r in on) / sum(theirs), 4)}
     if "fid" in record:   # a cifar_budget record
-        fid = [r["fid"]["fid"]["1 NFE"]["fid"] for r in (record, control)]
-        out["fid_gain"] = round(fid[0] - fid[1], 2)
+        ours, theirs = (r["fid"]["fid"]["1 NFE"] for r in (record, control))
+        out["fid_gain"] = round(ours["fid"] - theirs["fid"], 2)
+        out.update({f"d_{k}": round(ours[k] - theirs[k], 4) for k in ("contrast", "spread")
+                    if k in ours and k in theirs})
     return out
+
+
+def correlations(rows: list) -> str:
+    """Pearson r over the CIFAR-10 rows of each group (`group`: budget and the term's form, with and
+    without the guidance strength), each over the rows that have both quantities (3 at least)."""
+    groups = {}
+    for r in rows:
+        if "group" in r:
+            for name in (r["group"], r["group"] + f", enr {r['enr']}"):
+                groups.setdefault(name, []).append(r)
+    lines = []
+    for name, group in sorted(groups.items()):
+        cells = []
+        for a, b in (("fid_gain", "d_spread"), ("fid_gain", "d_contrast"), ("fid_gain", "fake_lag"),
+                     ("d_spread", "fake_lag")):
+            both = [g for g in group if a in g and b in g]
+            if len(both) >= 3:
+                r = statistics.correlation([g[a] for g in both], [g[b] for g in both])
+                cells.append(f"{a}~{b} {r:+.2f} ({len(both)})")
+        if cells:
+            lines.append(f"{name}: r " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 def runs(out: str):   # (testbed, name, config, log, lag) of every finished run with the term
@@ -97,22 +127,26 @@ def runs(out: str):   # (testbed, name, config, log, lag) of every finished run 
         config = record["config"]
         if config["objective"] == "apex" and config["gen_weight"] > 0:
             control = budget.control_of(record, records)
-            yield ("cifar10", os.path.basename(path).removesuffix(".json"), config, record["log"],
-                   lag(record, control) if control else {})
+            name = os.path.basename(path).removesuffix(".json")
+            group = {"group": f"{name.rsplit('_', 1)[1]}, polish_from {config['polish_from']}, s in "
+                              f"[{config['gen_s_min']}, {config['gen_s_max']}]", "enr": config["enr"]}
+            yield "cifar10", name, config, record["log"], ({**group, **lag(record, control)}
+                                                           if control else {})
 
 
 def table(record: dict) -> str:
     lines = [f"fake loss floor {record['floor']}", "",
              "| testbed | run | term steps | onset | min fake | min gap | end gap | mean gap | fake lag "
-             "| fid gain |", "|---" * 10 + "|"]
+             "| fid gain | d contrast | d spread |", "|---" * 12 + "|"]
     def cell(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
     lines += [f"| {r['testbed']} | {r['run']} | {r['term_steps']} | {r['onset'] or '-'} | "
               f"{cell(r['min_fake'], 3)} | {cell(r['min_gap'], 4)} | {cell(r.get('end_gap'), 4)} | "
               f"{cell(r.get('mean_gap'), 4)} | {cell(r.get('fake_lag'), 2)} | "
-              f"{cell(r.get('fid_gain'), 2)} |"
+              f"{cell(r.get('fid_gain'), 2)} | {cell(r.get('d_contrast'), 4)} | "
+              f"{cell(r.get('d_spread'), 4)} |"
               for r in record["rows"]]   # none in rows kept from before they were measured
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + correlations(record["rows"])
 
 
 def main(argv=None) -> dict:
