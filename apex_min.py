@@ -412,6 +412,8 @@ def apex_loss(net, ema, x, y, cfg: Config, velocities=shifted_velocities):
                                         cfg.onestep_weight, 1.0)
     loss = per_row.mean()
     terms = {name: per_row[part].mean().detach() for name, part in rows.items()}
+    if fake_branch:   # the generator's samples' mean pixel std: it falls when they flatten
+        terms["contrast"] = x_gen.float().flatten(1).std(1).mean()
     if fake_branch and cfg.gen_weight > 0:                                              # step 7
         gen, terms["gap"] = generator_term(net, F[onestep], z[onestep], y[onestep], cfg,
                                            velocities)

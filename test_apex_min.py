@@ -405,7 +405,21 @@ def test_fake_share():
     assert seen[0] == 64 - 30   # the first pass makes the fake rows' data: 34 one-step samples
 
 
-EXPECTED_TERMS = {"apex": {"onestep", "flow", "anystep", "fake", "gen", "gap", "loss"},
+def test_apex_loss_logs_the_contrast_of_the_generators_own_samples(monkeypatch):
+    """apex_loss's `contrast` term is the mean pixel std within each of the fake rows' one-step
+    samples (step 2): 0 for flat images, whatever their level."""
+    x, y = shapes_batch(16)
+    flat = lambda net, z, c: torch.linspace(-1, 1, len(z)).view(-1, 1, 1, 1).expand_as(z).clone()
+    striped = lambda net, z, c: (torch.arange(z.shape[-1]) % 2 * 2.0 - 1).expand_as(z).clone()
+    n = x[0].numel()   # +-1 in equal shares: std sqrt(n / (n - 1)), Bessel's correction
+    for samples, contrast in ((flat, 0.0), (striped, math.sqrt(n / (n - 1)))):
+        monkeypatch.setattr(apex_min, "onestep_samples", samples)
+        net = tiny_dit()
+        _, terms = apex_min.apex_loss(net, copy.deepcopy(net), x, y, apex_min.Config())
+        assert terms["contrast"].item() == pytest.approx(contrast, abs=1e-5)
+
+
+EXPECTED_TERMS = {"apex": {"onestep", "flow", "anystep", "fake", "gen", "gap", "contrast", "loss"},
                   "consistency": {"onestep", "flow", "anystep", "loss"},
                   "fm": {"flow", "loss"}, "paper": {"fake", "mix", "loss"}}
 
