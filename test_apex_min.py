@@ -2130,19 +2130,20 @@ def test_collapse_signs_count_term_steps_from_the_switch_on():
 
 def test_collapse_signs_read_the_logged_contrast_where_the_logs_hold_it():
     """experiments/collapse_signs.py: with apex_loss's `contrast` in the log, the contrast onset is
-    the term steps until it was first below FLAT, min_contrast its lowest value with the term on,
-    and the control's lowest over the same steps; logs without it give neither."""
+    the term steps until it was first below FLAT, max_contrast and end_contrast its highest and
+    last value with the term on, and the control's last over the same steps; logs without it give
+    none of them."""
     cs = _experiment("collapse_signs")
     log = [{"step": k, "fake": 0.3, "gap": 0.01, "contrast": v} for k, v in
            ((100, 0.01), (800, 0.30), (900, 0.20), (1000, 0.05), (1100, 0.02))]
     out = cs.signs({"polish_from": 0.8, "max_steps": 1000}, log)   # on after step 800
-    assert out["contrast_onset"] == 200 and out["min_contrast"] == 0.02
+    assert out["contrast_onset"] == 200 and out["max_contrast"] == 0.2 and out["end_contrast"] == 0.02
     assert cs.signs({"polish_from": 0.8, "max_steps": 1000}, log[:3])["contrast_onset"] is None
-    assert "min_contrast" not in cs.signs({"polish_from": 0.0, "max_steps": 1000},
+    assert "max_contrast" not in cs.signs({"polish_from": 0.0, "max_steps": 1000},
                                           [{k: v for k, v in r.items() if k != "contrast"} for r in log])
     control = [dict(r, contrast=0.3 - r["step"] / 1e4) for r in log]
     lagging = cs.lag({"config": {"polish_from": 0.8, "max_steps": 1000}, "log": log}, {"log": control})
-    assert lagging["control_min_contrast"] == pytest.approx(0.19)   # steps 900-1100 only
+    assert lagging["control_end_contrast"] == pytest.approx(0.19)   # the last of steps 900-1100
 
 
 def test_collapse_signs_lag_compares_the_term_steps_with_the_control_of_the_same_flow_stage():

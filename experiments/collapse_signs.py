@@ -10,9 +10,11 @@ runs, and the gap (v_fake - v_real)^2 towards 0. For each run with the term, fro
   onset       the term steps until the fake loss was first logged below FLOOR (none: never)
   min_fake    the lowest fake loss, and min_gap the lowest gap, logged while the term was on
   end_gap     the last gap logged (the CIFAR-10 run whose samples turned red ended higher)
-  contrast_onset, min_contrast  in logs that hold apex_loss's `contrast` (the mean pixel std of
-              the generator's one-step samples): the term steps until it was first logged below
-              FLAT, and its lowest value while the term was on (the shapes' data: 0.324)
+  contrast_onset, max_contrast, end_contrast  in logs that hold apex_loss's `contrast` (the mean
+              pixel std of the generator's one-step samples; the shapes' data: 0.324): the term
+              steps until it was first logged below FLAT, its highest value while the term was on,
+              and the last (a generator that leaves the flow stage's blurred one-step samples
+              rises from near 0; a collapse falls back)
 and, for a run whose control is here (the same flow stage, seed and guidance without the term:
 the shapes' gen0 arm, CIFAR-10's record with `--gen-weight 0 --polish-from 0`), how far its fake
 branch lags behind the generator:
@@ -20,7 +22,7 @@ branch lags behind the generator:
   fake_lag    the mean fake loss logged while the term was on, over the control's at the same steps
               (1: the fake branch follows the generator the term moves as closely as without it)
   fid_gain    CIFAR-10: the run's 1-NFE FID-10k minus its control's (below 0: the term helps)
-  control_min_contrast  the control's lowest logged contrast over the same steps
+  control_end_contrast  the control's last logged contrast over the same steps
   d_contrast  CIFAR-10: the same difference in its 1-NFE samples' contrast, and d_spread in their
   d_spread    within-class spread (cifar_demo.sample_stats; below 0: flatter samples, more alike)
 For the CIFAR-10 runs of one budget and one form of the term (polish_from and its `s` range), with
@@ -73,7 +75,7 @@ def contrast_signs(logged: list, start: int) -> dict:   # none for logs from bef
         return {}
     flat = [r["step"] - start for r in logged if r["contrast"] < FLAT]
     return {"contrast_onset": flat[0] if flat else None,
-            "min_contrast": min(r["contrast"] for r in logged)}
+            "max_contrast": max(r["contrast"] for r in logged), "end_contrast": logged[-1]["contrast"]}
 
 
 def lag(record: dict, control: dict) -> dict:
@@ -89,7 +91,7 @@ def lag(record: dict, control: dict) -> dict:
            "fake_lag": round(sum(r["fake"] for r in on) / sum(theirs), 4)}
     flat = [r["contrast"] for r in control["log"] if r["step"] in steps and "contrast" in r]
     if flat:
-        out["control_min_contrast"] = min(flat)
+        out["control_end_contrast"] = flat[-1]
     if "fid" in record:   # a cifar_budget record
         ours, theirs = (r["fid"]["fid"]["1 NFE"] for r in (record, control))
         out["fid_gain"] = round(ours["fid"] - theirs["fid"], 2)
@@ -154,8 +156,8 @@ def runs(out: str):   # (testbed, name, config, log, lag) of every finished run 
 def table(record: dict) -> str:
     lines = [f"fake loss floor {record['floor']}", "",
              "| testbed | run | term steps | onset | min fake | min gap | end gap | mean gap | fake lag "
-             "| fid gain | d contrast | d spread | contrast onset | min contrast | control's |",
-             "|---" * 15 + "|"]
+             "| fid gain | d contrast | d spread | contrast onset | max contrast | end contrast "
+             "| control's end |", "|---" * 16 + "|"]
     def cell(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
     lines += [f"| {r['testbed']} | {r['run']} | {r['term_steps']} | {r['onset'] or '-'} | "
@@ -163,7 +165,8 @@ def table(record: dict) -> str:
               f"{cell(r.get('mean_gap'), 4)} | {cell(r.get('fake_lag'), 2)} | "
               f"{cell(r.get('fid_gain'), 2)} | {cell(r.get('d_contrast'), 4)} | "
               f"{cell(r.get('d_spread'), 4)} | {r.get('contrast_onset') or '-'} | "
-              f"{cell(r.get('min_contrast'), 3)} | {cell(r.get('control_min_contrast'), 3)} |"
+              f"{cell(r.get('max_contrast'), 3)} | {cell(r.get('end_contrast'), 3)} | "
+              f"{cell(r.get('control_end_contrast'), 3)} |"
               for r in record["rows"]]   # none in rows kept from before they were measured
     return "\n".join(lines) + "\n\n" + correlations(record["rows"])
 
