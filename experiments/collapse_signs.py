@@ -75,7 +75,8 @@ def contrast_signs(logged: list, start: int) -> dict:   # none for logs from bef
         return {}
     flat = [r["step"] - start for r in logged if r["contrast"] < FLAT]
     return {"contrast_onset": flat[0] if flat else None,
-            "max_contrast": max(r["contrast"] for r in logged), "end_contrast": logged[-1]["contrast"]}
+            "max_contrast": max(r["contrast"] for r in logged),
+            "end_contrast": logged[-1]["contrast"]}
 
 
 def lag(record: dict, control: dict) -> dict:
