@@ -90,9 +90,9 @@ def lag(record: dict, control: dict) -> dict:
         return {}
     out = {"mean_gap": round(sum(r["gap"] for r in on) / len(on), 5),
            "fake_lag": round(sum(r["fake"] for r in on) / sum(theirs), 4)}
-    flat = [r["contrast"] for r in control["log"] if r["step"] in steps and "contrast" in r]
-    if flat:
-        out["control_end_contrast"] = flat[-1]
+    their_contrast = [r["contrast"] for r in control["log"] if r["step"] in steps and "contrast" in r]
+    if their_contrast:
+        out["control_end_contrast"] = their_contrast[-1]
     if "fid" in record:   # a cifar_budget record
         ours, theirs = (r["fid"]["fid"]["1 NFE"] for r in (record, control))
         out["fid_gain"] = round(ours["fid"] - theirs["fid"], 2)
