@@ -148,7 +148,8 @@ def runs(out: str):   # (testbed, name, config, log, lag) of every finished run 
         if config["objective"] == "apex" and config["gen_weight"] > 0:
             control = budget.control_of(record, records)
             name = os.path.basename(path).removesuffix(".json")
-            group = {"group": f"{name.rsplit('_', 1)[1]}, polish_from {config['polish_from']}, s in "
+            minutes = budget.budget_share(name, record)[0]
+            group = {"group": f"{minutes:g}min, polish_from {config['polish_from']}, s in "
                               f"[{config['gen_s_min']}, {config['gen_s_max']}]", "enr": config["enr"]}
             yield "cifar10", name, config, record["log"], ({**group, **lag(record, control)}
                                                            if control else {})
