@@ -2054,6 +2054,61 @@ def test_shapes_study_pool_joins_the_seeds_of_several_records(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_shapes_net_cifar_trains_the_tiny_network_on_cifar_images(tmp_path):
+    """experiments/shapes_net_cifar.py --fast: every stage is the tiny preset's network and batch on
+    32x32 CIFAR-10 pickles in 4x4 patches (not the cifar preset that --dataset cifar alone brings);
+    the record scores every arm, the term's run has its collapse signs, --report and --pool print
+    the table, and a missing data folder is one line."""
+    write_fake_cifar(tmp_path, n=40)
+    cmd = [sys.executable, "experiments/shapes_net_cifar.py", "--fast", "--data-dir", str(tmp_path),
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where = tmp_path / "runs/shapes_net_cifar/steps20/seed0"
+    for stage, steps in (("flow", 12), ("small_s", 8), ("gen0", 8)):
+        cfg = json.loads((where / stage / "config.json").read_text())
+        assert (cfg["preset"], cfg["dataset"], cfg["image_size"], cfg["patch_size"]) == ("tiny", "cifar", 32, 4)
+        assert (cfg["dim"], cfg["depth"], cfg["batch_size"], cfg["max_steps"]) == (64, 2, 64, steps)
+        assert cfg["polish_from"] == 0 and cfg["minutes"] == 0 and not cfg["compile"]
+    path = tmp_path / "results" / "shapes_net_cifar_steps20_seeds0.json"
+    record = json.loads(path.read_text())
+    rows = record["rows"]["20"]
+    assert list(rows) == ["flow", "small_s", "gen0", "data"]
+    assert set(rows["flow"]["0"]) == {"euler", "1"} and set(rows["small_s"]["0"]) == {"1", "2"}
+    assert all(v > 0 for r in (rows["small_s"]["0"]["1"], rows["data"]["0"]["1"]) for v in r.values())
+    assert record["signs"]["small_s"]["0"]["term_steps"] == 8 and record["signs"]["gen0"]["0"] == {}
+    report = subprocess.run([*cmd, "--report"], cwd=HERE, capture_output=True, text=True)
+    assert report.returncode == 0 and "| small_s | 1 |" in report.stdout and "collapse signs" in report.stdout
+    other = json.loads(path.read_text())
+    for part in (other["rows"]["20"].values(), other["signs"].values()):
+        for by_seed in part:
+            by_seed["7"] = by_seed.pop("0")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    pool = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--pool", str(path),
+                           str(tmp_path / "other.json")], cwd=HERE, capture_output=True, text=True)
+    assert pool.returncode == 0 and "per seed 0, 7" in pool.stdout and "(0/2 seeds below 0)" in pool.stdout
+    (tmp_path / "a_file").write_text("")   # no folder can be made there: fails before any download
+    missing = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--fast", "--out", str(tmp_path),
+                              "--data-dir", str(tmp_path / "a_file")], cwd=HERE, capture_output=True, text=True)
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert "cifar-10-batches-py" in missing.stderr
+
+
+def test_shapes_net_cifar_scores_rank_data_above_a_blank_image():
+    """shapes_net_cifar.scores: draws of a class's own images score a lower sliced W1 than one
+    blank image per sample, whose contrast and spread are 0."""
+    snc = _experiment("shapes_net_cifar")
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(200, 3, 32, 32, generator=g) * 40 + 20 * k).to(torch.uint8) for k in range(10)]
+    data_q = snc.data_quantiles(images)
+    y = torch.arange(10).repeat_interleave(50)
+    x = torch.cat([xk[:50] for xk in images]).float() / 127.5 - 1
+    blank = torch.zeros_like(x) + x.mean()
+    real, flat = snc.scores(x, y, data_q), snc.scores(blank, y, data_q)
+    assert real["sw1"] < 0.2 * flat["sw1"] and flat["contrast"] == 0 and flat["spread"] == 0
+    assert real["contrast"] > 0.05
+
+
 def test_shapes_real_branch_gives_the_generator_term_another_v_real(tmp_path, capsys):
     """experiments/shapes_real_branch.py: its `velocities` return the network's fake branch and the
     data's exact velocity (at a training image and small s: z - x), or a frozen network's velocity

@@ -76,25 +76,12 @@ def scores(x, y, data_q: list) -> dict:
     return {"sw1": round(sw1, 5), **cifar_demo.sample_stats(x, y)}
 
 
-def evaluation_noise(n_per_class: int):   # the same z, labels and sampler stream for every model
-    g = torch.Generator().manual_seed(1234)
-    y = torch.arange(CLASSES).repeat_interleave(n_per_class)
-    return torch.randn(len(y), 3, SIZE, SIZE, generator=g), y, g
-
-
 def evaluate(path: str, flow: bool, data_dir: str, n_per_class: int, euler_steps: int) -> dict:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)   # the shapes study's samplers and noise, at 32x32
     net, _ = am.model_from_checkpoint(path)
     data_q = data_quantiles(class_images(data_dir))
-    samplers = ({"euler": lambda z, y, g: am.sample_euler(net, z, y, euler_steps),
-                 "1": lambda z, y, g: am.sample_euler(net, z, y, 1)} if flow else
-                {str(n): (lambda z, y, g, n=n: am.sample_fewstep(net, z, y, nfe=n, generator=g))
-                 for n in (1, 2)})
-    out = {}
-    for name, sample in samplers.items():
-        z, y, g = evaluation_noise(n_per_class)
-        out[name] = scores(sample(z, y, g).clamp(-1, 1), y, data_q)
-    return out
+    return {name: scores(x, y, data_q)
+            for name, (x, y) in study.samples(net, flow, n_per_class, euler_steps, SIZE).items()}
 
 
 def data_row(data_dir: str, n_per_class: int) -> dict:   # draws of the data, scored alike (the floor)
@@ -160,8 +147,8 @@ def table(record: dict) -> str:
             lines.append(f"small_s - gen0, sliced W1 at {sampler} NFE: {study.mean_std(d)} "
                          f"({sum(v < 0 for v in d)}/{len(d)} seeds below 0)")
     keys = ("term_steps", "onset", "min_fake", "min_gap", "end_contrast", "fake_lag")
-    lines += ["", "collapse signs (fake loss floor 0.12), per seed", "| arm | seed | " + " | ".join(keys) + " |",
-              "|---" * (2 + len(keys)) + "|"]
+    lines += ["", "collapse signs (fake loss floor 0.12), per seed",
+              "| arm | seed | " + " | ".join(keys) + " |", "|---" * (2 + len(keys)) + "|"]
     lines += [f"| {arm} | {seed} | " + " | ".join("-" if s.get(k) is None else str(s[k]) for k in keys)
               + " |" for arm, by_seed in record["signs"].items() for seed, s in by_seed.items()]
     return "\n".join(lines)

@@ -143,10 +143,23 @@ def scores(x, y, data_x, data_y, atoms) -> dict:
     return {m: round(v, 5) for m, v in out.items()}
 
 
-def evaluation_noise(n_per_class: int):  # the same z, labels and sampler stream for every model
-    g = torch.Generator().manual_seed(1234)
+def evaluation_noise(n_per_class: int, size: int = SIZE):  # the same z, labels and sampler stream
+    g = torch.Generator().manual_seed(1234)                   # for every model
     y = torch.arange(CLASSES).repeat_interleave(n_per_class)
-    return torch.randn(len(y), 3, SIZE, SIZE, generator=g), y, g
+    return torch.randn(len(y), 3, size, size, generator=g), y, g
+
+
+def samples(net, flow: bool, n_per_class: int, euler_steps: int, size: int = SIZE) -> dict:
+    """{sampler: (images in [-1, 1], labels)}: 1 and 2 NFE, or for a flow stage Euler and 1 step."""
+    samplers = ({"euler": lambda z, y, g: am.sample_euler(net, z, y, euler_steps),
+                 "1": lambda z, y, g: am.sample_euler(net, z, y, 1)} if flow else
+                {str(n): (lambda z, y, g, n=n: am.sample_fewstep(net, z, y, nfe=n, generator=g))
+                 for n in (1, 2)})
+    out = {}
+    for name, sample in samplers.items():
+        z, y, g = evaluation_noise(n_per_class, size)
+        out[name] = (sample(z, y, g).clamp(-1, 1), y)
+    return out
 
 
 def evaluate(path: str, flow: bool, seed: int, n_per_class: int, euler_steps: int) -> dict:
@@ -154,15 +167,9 @@ def evaluate(path: str, flow: bool, seed: int, n_per_class: int, euler_steps: in
     torch.set_num_threads(1)
     net, _ = am.model_from_checkpoint(path)
     data_x, data_y = data_distribution(seed)
-    atoms, out = valid_images(), {}
-    samplers = ({"euler": lambda z, y, g: am.sample_euler(net, z, y, euler_steps),
-                 "1": lambda z, y, g: am.sample_euler(net, z, y, 1)} if flow else
-                {str(n): (lambda z, y, g, n=n: am.sample_fewstep(net, z, y, nfe=n, generator=g))
-                 for n in (1, 2)})
-    for name, sample in samplers.items():
-        z, y, g = evaluation_noise(n_per_class)
-        out[name] = scores(sample(z, y, g).clamp(-1, 1), y, data_x, data_y, atoms)
-    return out
+    atoms = valid_images()
+    return {name: scores(x, y, data_x, data_y, atoms)
+            for name, (x, y) in samples(net, flow, n_per_class, euler_steps).items()}
 
 
 def data_row(seed: int, n_per_class: int) -> dict:  # draws of the data distribution, scored alike
