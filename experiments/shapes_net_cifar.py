@@ -2,6 +2,8 @@
 
     python experiments/shapes_net_cifar.py --data-dir DIR           # seeds 1 2, 12,000 steps
     python experiments/shapes_net_cifar.py --data-dir DIR --seeds 3 4
+    python experiments/shapes_net_cifar.py --data-dir DIR --seeds 1 2 3 4 --arms apex
+                                                    # the released s range, beside the same gen0
     python experiments/shapes_net_cifar.py --pool results/shapes_net_cifar_*.json   # seeds joined
     python experiments/shapes_net_cifar.py --report                 # the committed record's table
     python experiments/shapes_net_cifar.py --data-dir DIR --fast    # test size; meaningless numbers
@@ -22,7 +24,8 @@ class against that class's training images and their flips, then averaged over t
 and from each APEX stage's log the shapes' collapse signs (experiments/collapse_signs.py): the term
 steps until the fake loss fell below 0.12, the lowest fake loss and gap, the last logged contrast.
 Runs: runs/shapes_net_cifar/steps{N}/seed{k}/{flow,ARM}, a finished run reused.
-Record: results/shapes_net_cifar_steps{N}_seeds{...}.json (--fast: under runs/fast).
+Record: results/shapes_net_cifar_steps{N}_seeds{...}.json, with _arms-... for arms other than the
+default (--fast: under runs/fast). --pool joins records of other seeds or arms of one length.
 """
 import json
 import os
@@ -42,6 +45,7 @@ import shapes_study as study  # noqa: E402
 
 CLASSES, SIZE = 10, 32
 STATS = ("sw1", "contrast", "spread", "saturation")
+ARMS = ["small_s", "gen0"]   # the default arms; others (--arms) get their own record
 
 
 def data_flags(data_dir: str) -> list:   # CIFAR-10 at the shapes' 64 tokens (32x32 in 4x4 patches),
@@ -140,11 +144,11 @@ def table(record: dict) -> str:
         for sampler in next(iter(by_seed.values())):
             cells = [" / ".join(f"{v[sampler][m]:.4f}" for v in by_seed.values()) for m in STATS]
             lines.append(f"| {arm} | {sampler} | " + " | ".join(cells) + " |")
-    if "small_s" in rows and "gen0" in rows:
+    for arm in [a for a in rows if "gen0" in rows and a not in ("flow", "gen0", "data")]:
         lines.append("")
         for sampler in ("1", "2"):
-            d = study.paired(rows, "small_s", "gen0", sampler)
-            lines.append(f"small_s - gen0, sliced W1 at {sampler} NFE: {study.mean_std(d)} "
+            d = study.paired(rows, arm, "gen0", sampler)
+            lines.append(f"{arm} - gen0, sliced W1 at {sampler} NFE: {study.mean_std(d)} "
                          f"({sum(v < 0 for v in d)}/{len(d)} seeds below 0)")
     keys = ("term_steps", "onset", "min_fake", "min_gap", "end_contrast", "fake_lag")
     lines += ["", "collapse signs (fake loss floor 0.12), per seed",
@@ -158,11 +162,12 @@ def pooled(records: list) -> dict:   # several records of one length, their seed
     if len({tuple(r["rows"]) for r in records}) > 1:
         raise ValueError("the records are of different lengths")
     rows, signs = {}, {}
-    for r in records:
+    for r in records:   # the flow and data rows of a seed repeat across records of other arms
         for arm, by_seed in next(iter(r["rows"].values())).items():
             rows.setdefault(arm, {}).update(by_seed)
         for arm, by_seed in r["signs"].items():
             signs.setdefault(arm, {}).update(by_seed)
+    rows["data"] = rows.pop("data")   # last, as in one record
     return {"rows": {next(iter(records[0]["rows"])): rows}, "signs": signs,
             "net": records[0]["net"], "batch": records[0]["batch"]}
 
@@ -172,7 +177,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
     p.add_argument("--steps", type=int, default=12000, help="training length, steps in all")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--arms", nargs="+", choices=list(study.ARMS), default=["small_s", "gen0"],
+    p.add_argument("--arms", nargs="+", choices=list(study.ARMS), default=ARMS,
                    help="the APEX stages to train, in this order")
     p.add_argument("--n-per-class", type=int, default=500, help="samples per class for the metrics")
     p.add_argument("--euler-steps", type=int, default=50, help="Euler steps of the flow stage's sampler")
@@ -197,6 +202,8 @@ def main(argv=None) -> dict:
     args.out = args.out or (os.path.join(ROOT, "runs", "fast") if args.fast else ROOT)
     args.arms = list(dict.fromkeys(args.arms))
     stem = f"shapes_net_cifar_steps{args.steps}_seeds" + "-".join(map(str, args.seeds))
+    if args.arms != ARMS:   # e.g. shapes_net_cifar_steps12000_seeds1-2_arms-apex
+        stem += "_arms-" + "-".join(arm.replace("/", "_") for arm in args.arms)
     path = os.path.join(args.out, "results", stem + ".json")
     if args.report:
         return study.print_record(p, path, table)
