@@ -2087,6 +2087,14 @@ def test_shapes_net_cifar_trains_the_tiny_network_on_cifar_images(tmp_path):
     pool = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--pool", str(path),
                            str(tmp_path / "other.json")], cwd=HERE, capture_output=True, text=True)
     assert pool.returncode == 0 and "per seed 0, 7" in pool.stdout and "(0/2 seeds below 0)" in pool.stdout
+    more = subprocess.run([*cmd, "--arms", "apex"], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-2000:]
+    arms = tmp_path / "results" / "shapes_net_cifar_steps20_seeds0_arms-apex.json"
+    assert list(json.loads(arms.read_text())["rows"]["20"]) == ["flow", "apex", "data"]
+    assert json.loads(path.read_text()) == record   # the default arms' record is left as it was
+    both = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--pool", str(path), str(arms)],
+                          cwd=HERE, capture_output=True, text=True)
+    assert "| apex | 1 |" in both.stdout and "apex - gen0, sliced W1 at 1 NFE" in both.stdout
     (tmp_path / "a_file").write_text("")   # no folder can be made there: fails before any download
     missing = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--fast", "--out", str(tmp_path),
                               "--data-dir", str(tmp_path / "a_file")], cwd=HERE, capture_output=True, text=True)
