@@ -121,13 +121,13 @@ def study_cifar(args) -> dict:
              args.euler_steps) for k in args.seeds for arm in ("flow", *args.arms)]
     scored = iter(study.toy_2d.run_jobs(evaluate, jobs, args.workers))
     rows = {arm: {} for arm in ("flow", *args.arms, "data")}
-    signs = {arm: {} for arm in args.arms}
-    for k in args.seeds:
+    signs, floor = {arm: {} for arm in args.arms}, data_row(args.data_dir, args.n_per_class)
+    for k in args.seeds:   # the data row is the same for every seed (one training set)
         for arm in ("flow", *args.arms):
             rows[arm][str(k)] = next(scored)
         for arm in args.arms:
             signs[arm][str(k)] = log_signs(study.run_dir(where[k], arm), study.run_dir(where[k], "gen0"))
-        rows["data"][str(k)] = {"1": data_row(args.data_dir, args.n_per_class)}
+        rows["data"][str(k)] = {"1": floor}
     return {"rows": {str(args.steps): rows}, "signs": signs, "steps": args.steps, "seeds": args.seeds,
             "flow_share": study.FLOW_SHARE, "lr": study.LR, "net": study.NET, "batch": study.BATCH,
             "patch": 4, "arms": {arm: study.ARMS[arm] for arm in args.arms},
