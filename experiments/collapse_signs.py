@@ -123,22 +123,24 @@ def correlations(rows: list) -> str:
     return "\n".join(lines)
 
 
+def finished_run(folder: str):   # {config, log} of a finished apex_min run, else None
+    if not study.finished(folder):
+        return None
+    path = os.path.join(folder, "log.jsonl")   # none in a run shorter than --log-every
+    log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    return {"config": json.load(open(os.path.join(folder, "config.json"))), "log": log}
+
+
 def runs(out: str):   # (testbed, name, config, log, lag) of every finished run with the term
-    def shapes_run(folder):   # {config, log} of a finished run, else None
-        if not study.finished(folder):
-            return None
-        path = os.path.join(folder, "log.jsonl")   # none in a run shorter than --log-every
-        log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-        return {"config": json.load(open(os.path.join(folder, "config.json"))), "log": log}
     arms = {study.run_dir("", arm): arm for arm in study.ARMS}   # folder name -> arm
     root = os.path.join(out, "runs", "shapes_study")
     for summary in sorted(glob.glob(os.path.join(root, "*", "*", "*", "summary.json"))):
         folder = os.path.dirname(summary)
-        run = shapes_run(folder)
+        run = finished_run(folder)
         if run and run["config"]["objective"] == "apex" and run["config"]["gen_weight"] > 0:
             arm = arms.get(os.path.basename(folder))   # its no-term control: gen0 of the same variant
             control = next((b for a, b in study.PAIRS if a == arm and b.startswith("gen0")), "gen0")
-            control = shapes_run(study.run_dir(os.path.dirname(folder), control))
+            control = finished_run(study.run_dir(os.path.dirname(folder), control))
             name = os.path.relpath(folder, root)
             yield "shapes", name, run["config"], run["log"], lag(run, control) if control else {}
     paths = sorted(glob.glob(os.path.join(out, "results", "cifar_budget", "*.json")))

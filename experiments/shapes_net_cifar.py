@@ -54,18 +54,13 @@ def data_flags(data_dir: str) -> list:   # CIFAR-10 at the shapes' 64 tokens (32
             "--patch-size", "4"]
 
 
-def directions(dim: int = 3 * SIZE * SIZE):   # 256 fixed unit directions of the sliced W1
-    dirs = torch.randn(dim, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return dirs / dirs.norm(dim=0)
-
-
 def class_images(data_dir: str) -> list:   # per class: its training images, uint8
     x, y = am.load_cifar(data_dir, train=True)
     return [x[y == k] for k in range(CLASSES)]
 
 
 def data_quantiles(images: list) -> list:   # per class: the quantiles of its images and their flips
-    dirs, out = directions(), []   # along the directions (one class in float64 at a time)
+    dirs, out = study.directions(3 * SIZE * SIZE), []   # one class in float64 at a time
     for xk in images:
         xk = xk.double() / 127.5 - 1
         out.append(study.quantiles(torch.cat([xk, xk.flip(3)]).flatten(1) @ dirs))
@@ -74,7 +69,7 @@ def data_quantiles(images: list) -> list:   # per class: the quantiles of its im
 
 def scores(x, y, data_q: list) -> dict:
     """sliced W1 per class against the class's data (its quantiles), and the samples' statistics."""
-    dirs = directions()
+    dirs = study.directions(3 * SIZE * SIZE)
     sw1 = sum((study.quantiles(x[y == k].flatten(1).double() @ dirs) - data_q[k]).abs().mean().item()
               for k in range(CLASSES)) / CLASSES
     return {"sw1": round(sw1, 5), **cifar_demo.sample_stats(x, y)}
@@ -96,15 +91,11 @@ def data_row(data_dir: str, n_per_class: int) -> dict:   # draws of the data, sc
 
 
 def log_signs(folder: str, control: str) -> dict:   # collapse_signs' reading of a finished run's log
-    def read(f):
-        path = os.path.join(f, "log.jsonl")
-        return {"config": json.load(open(os.path.join(f, "config.json"))),
-                "log": [json.loads(line) for line in open(path)] if os.path.exists(path) else []}
-    run = read(folder)
+    run, theirs = collapse_signs.finished_run(folder), collapse_signs.finished_run(control)
     if run["config"]["gen_weight"] == 0:
         return {}
     return {**collapse_signs.signs(run["config"], run["log"]),
-            **(collapse_signs.lag(run, read(control)) if study.finished(control) else {})}
+            **(collapse_signs.lag(run, theirs) if theirs else {})}
 
 
 def study_cifar(args) -> dict:

@@ -120,10 +120,14 @@ def quantiles(p, levels: int = 1000):  # (n, L) -> (levels, L): the empirical qu
     return p.sort(0).values[idx]
 
 
+def directions(dim: int) -> torch.Tensor:   # the sliced W1's 256 fixed unit directions
+    dirs = torch.randn(dim, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return dirs / dirs.norm(dim=0)
+
+
 def scores(x, y, data_x, data_y, atoms) -> dict:
     """The four metrics of samples x (labels y) against the data, mean over classes."""
-    dirs = torch.randn(x[0].numel(), 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0)
+    dirs = directions(x[0].numel())
     flat_atoms = atoms.flatten(0, 1)
     out = {m: 0.0 for m in METRICS}
     for k in range(CLASSES):
