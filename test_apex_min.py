@@ -2058,7 +2058,8 @@ def test_shapes_net_cifar_trains_the_tiny_network_on_cifar_images(tmp_path):
     """experiments/shapes_net_cifar.py --fast: every stage is the tiny preset's network and batch on
     32x32 CIFAR-10 pickles in 4x4 patches (not the cifar preset that --dataset cifar alone brings);
     the record scores every arm, the term's run has its collapse signs, --report and --pool print
-    the table, and a missing data folder is one line."""
+    the table, --net trains another network into its own runs and record (never pooled with the
+    default's), and a bad --net or a missing data folder is one line."""
     write_fake_cifar(tmp_path, n=40)
     cmd = [sys.executable, "experiments/shapes_net_cifar.py", "--fast", "--data-dir", str(tmp_path),
            "--out", str(tmp_path)]
@@ -2095,6 +2096,19 @@ def test_shapes_net_cifar_trains_the_tiny_network_on_cifar_images(tmp_path):
     both = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--pool", str(path), str(arms)],
                           cwd=HERE, capture_output=True, text=True)
     assert "| apex | 1 |" in both.stdout and "apex - gen0, sliced W1 at 1 NFE" in both.stdout
+    small = subprocess.run([*cmd, "--arms", "gen0", "--net", "32x1"], cwd=HERE, capture_output=True, text=True,
+                           timeout=300)
+    assert small.returncode == 0, small.stderr[-2000:]
+    for stage in ("flow", "gen0"):   # another network: its own runs and record
+        cfg = json.loads((tmp_path / f"runs/shapes_net_cifar/steps20_net32x1/seed0/{stage}/config.json").read_text())
+        assert (cfg["dim"], cfg["depth"], cfg["heads"]) == (32, 1, 1)
+    net = tmp_path / "results" / "shapes_net_cifar_steps20_seeds0_arms-gen0_net32x1.json"
+    assert json.loads(net.read_text())["net"] == "32x1"
+    mixed = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--pool", str(path), str(net)],
+                           cwd=HERE, capture_output=True, text=True)
+    assert mixed.returncode == 2 and "different lengths or networks" in mixed.stderr
+    bad = subprocess.run([*cmd, "--net", "100x2"], cwd=HERE, capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--net 100x2" in bad.stderr
     (tmp_path / "a_file").write_text("")   # no folder can be made there: fails before any download
     missing = subprocess.run([sys.executable, "experiments/shapes_net_cifar.py", "--fast", "--out", str(tmp_path),
                               "--data-dir", str(tmp_path / "a_file")], cwd=HERE, capture_output=True, text=True)

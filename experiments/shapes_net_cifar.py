@@ -4,7 +4,8 @@
     python experiments/shapes_net_cifar.py --data-dir DIR --seeds 3 4
     python experiments/shapes_net_cifar.py --data-dir DIR --seeds 1 2 3 4 --arms apex
                                                     # the released s range, beside the same gen0
-    python experiments/shapes_net_cifar.py --pool results/shapes_net_cifar_*.json   # seeds joined
+    python experiments/shapes_net_cifar.py --data-dir DIR --net 128x2   # 3.6 times the parameters
+    python experiments/shapes_net_cifar.py --pool RECORD...   # seeds joined, one length and network
     python experiments/shapes_net_cifar.py --report                 # the committed record's table
     python experiments/shapes_net_cifar.py --data-dir DIR --fast    # test size; meaningless numbers
 
@@ -23,9 +24,10 @@ class against that class's training images and their flips, then averaged over t
              class's samples (0: one image), saturation (cifar_demo.sample_stats)
 and from each APEX stage's log the shapes' collapse signs (experiments/collapse_signs.py): the term
 steps until the fake loss fell below 0.12, the lowest fake loss and gap, the last logged contrast.
-Runs: runs/shapes_net_cifar/steps{N}/seed{k}/{flow,ARM}, a finished run reused.
+Runs: runs/shapes_net_cifar/steps{N}/seed{k}/{flow,ARM}, a finished run reused, a stopped one
+resumed (steps{N}_net{DxL} for another network, --net).
 Record: results/shapes_net_cifar_steps{N}_seeds{...}.json, with _arms-... for arms other than the
-default (--fast: under runs/fast). --pool joins records of other seeds or arms of one length.
+default and _net... for another network (--fast: under runs/fast). --pool joins records of other seeds or arms of one length.
 """
 import json
 import os
@@ -99,14 +101,15 @@ def log_signs(folder: str, control: str) -> dict:   # collapse_signs' reading of
 
 
 def study_cifar(args) -> dict:
-    start, root = time.time(), os.path.join(args.out, "runs", "shapes_net_cifar", f"steps{args.steps}")
+    start = time.time()
+    root = os.path.join(args.out, "runs", "shapes_net_cifar", f"steps{args.steps}{args.suffix}")
     where = {seed: os.path.join(root, f"seed{seed}") for seed in args.seeds}
     flow_steps, extra = round(study.FLOW_SHARE * args.steps), data_flags(args.data_dir)
     study.run_all([(f"{where[k]}/flow", ["--objective", "fm", "--lr", study.LR["flow"], "--seed", str(k),
-                                         "--max-steps", str(flow_steps), *study.common_flags(study.NET),
+                                         "--max-steps", str(flow_steps), *study.common_flags(args.net),
                                          *extra]) for k in args.seeds], args.workers)
     study.run_all([(study.run_dir(where[k], arm),
-                    study.apex_flags(where[k], args.steps, k, study.NET, study.BATCH, arm) + extra)
+                    study.apex_flags(where[k], args.steps, k, args.net, study.BATCH, arm) + extra)
                    for arm in args.arms for k in args.seeds], args.workers)
     jobs = [(f"{study.run_dir(where[k], arm)}/ckpt.pt", arm == "flow", args.data_dir, args.n_per_class,
              args.euler_steps) for k in args.seeds for arm in ("flow", *args.arms)]
@@ -120,7 +123,7 @@ def study_cifar(args) -> dict:
             signs[arm][str(k)] = log_signs(study.run_dir(where[k], arm), study.run_dir(where[k], "gen0"))
         rows["data"][str(k)] = {"1": floor}
     return {"rows": {str(args.steps): rows}, "signs": signs, "steps": args.steps, "seeds": args.seeds,
-            "flow_share": study.FLOW_SHARE, "lr": study.LR, "net": study.NET, "batch": study.BATCH,
+            "flow_share": study.FLOW_SHARE, "lr": study.LR, "net": args.net, "batch": study.BATCH,
             "patch": 4, "arms": {arm: study.ARMS[arm] for arm in args.arms},
             "n_per_class": args.n_per_class, "euler_steps": args.euler_steps, "env": am.environment(),
             "seconds_wall": round(time.time() - start, 1)}
@@ -149,9 +152,9 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def pooled(records: list) -> dict:   # several records of one length, their seeds joined
-    if len({tuple(r["rows"]) for r in records}) > 1:
-        raise ValueError("the records are of different lengths")
+def pooled(records: list) -> dict:   # records of one length and network, their seeds joined
+    if len({(tuple(r["rows"]), r["net"]) for r in records}) > 1:
+        raise ValueError("the records are of different lengths or networks")
     rows, signs = {}, {}
     for r in records:   # the flow and data rows of a seed repeat across records of other arms
         for arm, by_seed in next(iter(r["rows"].values())).items():
@@ -170,6 +173,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--arms", nargs="+", choices=list(study.ARMS), default=ARMS,
                    help="the APEX stages to train, in this order")
+    p.add_argument("--net", default=study.NET,
+                   help=f"the network, DIMxDEPTH with DIM / 32 heads (default {study.NET})")
     p.add_argument("--n-per-class", type=int, default=500, help="samples per class for the metrics")
     p.add_argument("--euler-steps", type=int, default=50, help="Euler steps of the flow stage's sampler")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU thread each)")
@@ -182,6 +187,7 @@ def main(argv=None) -> dict:
         args.steps, args.seeds, args.n_per_class, args.euler_steps = 20, [0], 20, 5
     if args.steps < 10 or min(args.n_per_class, args.euler_steps, args.workers) < 1 or min(args.seeds) < 0:
         p.error("--steps >= 10, --n-per-class, --euler-steps and --workers >= 1, --seeds >= 0")
+    args.suffix = study.run_suffix(p, args.net, study.BATCH)
     if args.pool:
         if missing := [f for f in args.pool if not os.path.exists(f)]:
             p.error(f"no record at {missing[0]}")
@@ -195,6 +201,7 @@ def main(argv=None) -> dict:
     stem = f"shapes_net_cifar_steps{args.steps}_seeds" + "-".join(map(str, args.seeds))
     if args.arms != ARMS:   # e.g. shapes_net_cifar_steps12000_seeds1-2_arms-apex
         stem += "_arms-" + "-".join(arm.replace("/", "_") for arm in args.arms)
+    stem += args.suffix   # e.g. _net128x2
     path = os.path.join(args.out, "results", stem + ".json")
     if args.report:
         return study.print_record(p, path, table)
