@@ -2542,7 +2542,7 @@ def test_cifar_preset_is_the_best_measured_330s_recipe():
     assert budget.merge(merged["peak_bf16_tflops"], merged["peak_gpu"]) == merged
     preset = apex_min.PRESETS["cifar"]
     for prefix, setting in (("split", f"flow_share={preset['flow_share']:g} "), ("stage330_", None),
-                            ("preset330_s1", None)):
+                            ("preset330_s1_", None)):   # seed 1's arms (not seed 10's)
         runs = [r for r in merged["runs"] if r["name"].startswith(prefix) and r["minutes"] == 5.5]
         assert len({r["recipe"] for r in runs}) >= 3
         best = min(runs, key=lambda r: r["fid10k"]["1"])
