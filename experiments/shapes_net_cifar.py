@@ -27,7 +27,8 @@ steps until the fake loss fell below 0.12, the lowest fake loss and gap, the las
 Runs: runs/shapes_net_cifar/steps{N}/seed{k}/{flow,ARM}, a finished run reused, a stopped one
 resumed (steps{N}_net{DxL} for another network, --net).
 Record: results/shapes_net_cifar_steps{N}_seeds{...}.json, with _arms-... for arms other than the
-default and _net... for another network (--fast: under runs/fast). --pool joins records of other seeds or arms of one length.
+default and _net... for another network (--fast: under runs/fast). --pool joins records of other
+seeds or arms of one length and network.
 """
 import json
 import os
